@@ -1,0 +1,2 @@
+"""Shared plumbing: registry, Sample/SampleList, config."""
+
