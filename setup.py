@@ -46,8 +46,8 @@ setup(
     extras_require={"dev": ["pytest>=8", "ruff>=0.5"]},
     entry_points={
         "console_scripts": [
-            "mmf_run=mmf_plugins.cli.run:run",
-            "mmf_predict=mmf_plugins.cli.predict:predict",
+            "mmf_run=mmf_plugins.cli.run:main",
+            "mmf_predict=mmf_plugins.cli.predict:main",
             "mmf_zoo=mmf_plugins.cli.zoo:main",
             "mmf_convert=mmf_plugins.cli.convert:main",
             "mmf_extract_features=mmf_plugins.cli.extract:main",

@@ -56,8 +56,13 @@ class BaseDataset(torch.utils.data.Dataset):
         raise NotImplementedError
 
     def __getitem__(self, idx: int):
+        seed = getattr(idx, "seed", None)
+        if seed is not None:
+            # NOTE: per-item seeding (see trainers/sampling.py) makes random processing independent of
+            # the number of workers and of where a run was resumed.
+            torch.manual_seed(seed)
         try:
-            sample = self.get_item(idx)
+            sample = self.get_item(int(idx))
         except DATA_ERRORS as e:
             reason = f"{type(e).__name__}: {e}"
             logger.warning("%s/%s item %d skipped: %s", self.dataset_name, self.dataset_type, idx, reason)
