@@ -1,0 +1,1 @@
+"""COCO captioning (Karpathy splits; COCO captions json)."""

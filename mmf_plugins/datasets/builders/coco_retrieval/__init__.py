@@ -1,0 +1,1 @@
+"""Image-text retrieval on COCO and Flickr30K (Karpathy splits)."""

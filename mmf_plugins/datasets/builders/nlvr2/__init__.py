@@ -1,0 +1,1 @@
+"""NLVR2: a statement about a pair of images, true or false."""

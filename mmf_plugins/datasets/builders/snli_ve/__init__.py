@@ -1,0 +1,1 @@
+"""SNLI-VE: visual entailment (premise image, hypothesis sentence, 3 labels)."""

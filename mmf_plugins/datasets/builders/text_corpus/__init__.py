@@ -1,0 +1,1 @@
+"""Text-only MLM corpus (VL-BERT trains on text-only batches beside image-text ones)."""

@@ -1,0 +1,74 @@
+"""VQA v2 dataset (official ``v2_OpenEnded_mscoco_<split>_questions.json`` + ``v2_mscoco_<split>_annotations.json``).
+
+Each item: the question (with detector tags as segment B for VinVL, or a literal such as ``[MASK]`` for
+VL-BERT), the image or its region features, and — where annotations exist — the 10 raw answers and
+their soft-score ``targets`` from ``answer_processor``. Prediction rows: ``{"question_id", "answer"}``
+(EvalAI's submission format). The test split has questions only, like the real one.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mmf_plugins.common.registry import registry
+from mmf_plugins.common.sample import Sample
+from mmf_plugins.datasets.builders.vl_builder import VLDatasetBuilder, resolve
+from mmf_plugins.datasets.builders.vl_dataset import VisionLanguageDataset
+
+
+def _load_json(path, key):
+    with open(path) as f:
+        data = json.load(f)
+    if key not in data:
+        raise ValueError(f"{path} has no '{key}' list; expected the official VQA v2 schema")
+    return data[key]
+
+
+class VQA2Dataset(VisionLanguageDataset):
+    def __init__(self, dataset_name, config, dataset_type):
+        super().__init__(dataset_name, config, dataset_type)
+        ann = config.annotations[dataset_type]
+        self.questions = _load_json(resolve(config, ann.questions), "questions")
+        self.answers = {}
+        if ann.get("answers"):
+            path = resolve(config, ann.answers)
+            if path.exists():
+                self.answers = {a["question_id"]: a for a in _load_json(path, "annotations")}
+        limit = config.get("max_samples", None) or {}
+        n = limit.get(dataset_type) if hasattr(limit, "get") else None
+        if n:
+            self.questions = self.questions[: int(n)]
+
+    def __len__(self):
+        return len(self.questions)
+
+    def get_item(self, idx):
+        q = self.questions[idx]
+        sample = Sample(question_id=int(q["question_id"]), image_id=int(q["image_id"]), id=int(q["question_id"]))
+        fields, text, tags = self.load_visual(q["image_id"], text=q["question"])
+        sample.update(fields)
+        sample.update(self.text_processor({"text": text, "text_b": self.text_b(tags)}))
+        ann = self.answers.get(q["question_id"])
+        if ann is not None:
+            sample.update(self.answer_processor({"answers": [a["answer"] for a in ann["answers"]]}))
+            sample["question_type"] = ann.get("question_type", "")
+            sample["answer_type"] = ann.get("answer_type", "")
+        return sample
+
+    def format_for_prediction(self, batch, output):
+        ap = self.answer_processor
+        idx = output["scores"].argmax(dim=-1).tolist()
+        return [{"question_id": int(q), "answer": ap.idx2word(i)} for q, i in zip(batch.question_id.tolist(), idx)]
+
+
+@registry.register_builder("vqa2")
+class VQA2Builder(VLDatasetBuilder):
+    default_name = "vqa2"
+    dataset_class = VQA2Dataset
+    zoo_key = "vqa2"
+    source_hint = "https://visualqa.org/download.html (questions, annotations) and COCO 2014 images"
+    prediction_format = '[{"question_id": int, "answer": str}]'
+
+    @classmethod
+    def config_path(cls):
+        return "configs/datasets/vqa2/defaults.yaml"
