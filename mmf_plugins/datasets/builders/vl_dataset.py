@@ -40,7 +40,7 @@ class VisionLanguageDataset(BaseDataset):
         self._image_db = None
         self._feature_db = None
         self.max_features = int(config.get("max_features", 50))
-        self.init_processors(data_dir=str(self.data_dir))
+        self.init_processors(data_dir=str(self.data_dir), dataset_type=dataset_type)
 
     # ------------------------------------------------------------- databases
     def _split_path(self, key: str, split: str | None = None) -> Path:

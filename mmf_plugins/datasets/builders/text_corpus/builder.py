@@ -20,7 +20,7 @@ class TextCorpusDataset(BaseDataset):
         n = (config.get("max_samples", None) or {}).get(dataset_type)
         if n:
             self.lines = self.lines[: int(n)]
-        self.init_processors(data_dir=str(data_root(config)))
+        self.init_processors(data_dir=str(data_root(config)), dataset_type=dataset_type)
 
     def __len__(self):
         return len(self.lines)
