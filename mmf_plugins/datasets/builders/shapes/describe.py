@@ -115,24 +115,26 @@ def number_word(n: int) -> str:
 
 def relation_holds(a: ShapeObject, b: ShapeObject, relation: str) -> bool:
     """CLEVR-style relation on centres: is ``a`` <relation> ``b``."""
+    (ax, ay), (bx, by) = a.center, b.center
     if relation == "left of":
-        return a.cx < b.cx
+        return ax < bx
     if relation == "right of":
-        return a.cx > b.cx
+        return ax > bx
     if relation == "above":
-        return a.cy < b.cy
+        return ay < by
     if relation == "below":
-        return a.cy > b.cy
+        return ay > by
     raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
 
 
 def clear_relations(a: ShapeObject, b: ShapeObject) -> list[str]:
     """Relations (true or false) whose axis separates the two centres by at least half their radii."""
     margin = 0.5 * (a.r + b.r)
+    (ax, ay), (bx, by) = a.center, b.center
     out = []
-    if abs(a.cx - b.cx) > margin:
+    if abs(ax - bx) > margin:
         out += ["left of", "right of"]
-    if abs(a.cy - b.cy) > margin:
+    if abs(ay - by) > margin:
         out += ["above", "below"]
     return out
 
@@ -163,3 +165,19 @@ def all_descriptors(max_kinds: int = 2) -> list[Descriptor]:
 
 
 DESCRIPTORS_2 = all_descriptors(2)
+_SUBSETS_2 = [subset for size in range(3) for subset in itertools.combinations(ATTRIBUTE_KINDS, size)]
+
+
+def descriptor_counts(objects: Iterable[ShapeObject]) -> dict[tuple, int]:
+    """Count of every descriptor over at most 2 kinds, keyed by ``key(desc)`` (absent = 0)."""
+    counts: dict[tuple, int] = {}
+    for o in objects:
+        for subset in _SUBSETS_2:
+            k = tuple((kind, o.attribute(kind)) for kind in subset)
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def key(desc: Descriptor) -> tuple:
+    """Hashable form of a descriptor, in attribute-kind order."""
+    return tuple((kind, desc[kind]) for kind in ATTRIBUTE_KINDS if kind in desc)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
 SHAPE_PLURALS = {s: s + "s" for s in SHAPES}
@@ -91,7 +92,7 @@ class ShapeObject:
         """Outline in image pixels (a 48-gon for circles)."""
         return [(self.cx + self.r * x, self.cy + self.r * y) for x, y in UNIT_POLYGONS[self.shape]]
 
-    @property
+    @cached_property
     def bbox(self) -> tuple[float, float, float, float]:
         """Tight box ``(x1, y1, x2, y2)`` in pixels, rounded to 1/100 px."""
         if self.shape == "circle":
@@ -100,6 +101,12 @@ class ShapeObject:
             xs, ys = zip(*self.polygon())
             box = (min(xs), min(ys), max(xs), max(ys))
         return tuple(round(v, 2) for v in box)
+
+    @cached_property
+    def center(self) -> tuple[float, float]:
+        """Centre of the box (what relations compare: a model sees boxes, not outlines)."""
+        x1, y1, x2, y2 = self.bbox
+        return ((x1 + x2) / 2.0, (y1 + y2) / 2.0)
 
     @property
     def area(self) -> float:
@@ -194,15 +201,14 @@ def _texture(obj: ShapeObject, patch: tuple[int, int], phase: int) -> Image.Imag
 def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
     """Draw the scene: textured background, each object (dark outline + pattern fill), then grain."""
     w, h = scene.width, scene.height
-    base = np.array(BACKGROUNDS[scene.background], np.float32)
-    # low-frequency blotches (bicubic upsampling of a coarse random grid) + a soft lighting ramp
-    coarse = np.clip(128.0 + rng.normal(0.0, 9.0, size=(5, 7, 3)), 0, 255).astype(np.uint8)
-    blotches = np.asarray(Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC), np.float32) - 128.0
+    # Background: a coarse 5x7 grid (tint + random blotches + a soft linear lighting ramp) upsampled
+    # bicubically by PIL, which is as smooth as computing it per pixel and far cheaper.
+    gy, gx = np.meshgrid(np.linspace(-1, 1, 5, dtype=np.float32), np.linspace(-1, 1, 7, dtype=np.float32), indexing="ij")
     angle = float(rng.uniform(0, 2 * math.pi))
-    ramp = (np.cos(angle) * np.linspace(-1, 1, w, dtype=np.float32)[None, :]
-            + np.sin(angle) * np.linspace(-1, 1, h, dtype=np.float32)[:, None]) * 7.0
-    canvas = np.clip(base + blotches + ramp[..., None], 0, 255).astype(np.uint8)
-    image = Image.fromarray(canvas, "RGB")
+    ramp = (np.cos(angle) * gx + np.sin(angle) * gy) * 7.0
+    shade = rng.normal(0.0, 8.0, size=(5, 7, 1)) + rng.normal(0.0, 2.5, size=(5, 7, 3))  # mostly luminance
+    coarse = np.array(BACKGROUNDS[scene.background], np.float32) + shade + ramp[..., None]
+    image = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8), "RGB").resize((w, h), Image.Resampling.BICUBIC)
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.bbox
         ox, oy = max(0, math.floor(x1) - 2), max(0, math.floor(y1) - 2)
@@ -212,10 +218,9 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
         image.paste(dark, (ox, oy, ox + patch[0], oy + patch[1]), _mask(obj, (ox, oy), patch, 1.0))
         inner = _mask(obj, (ox, oy), patch, max(0.5, (obj.r - outline) / obj.r))
         image.paste(_texture(obj, patch, int(rng.integers(0, 16))), (ox, oy), inner)
-    # fine luminance grain over everything (kept mild so JPEGs stay small)
-    grain = rng.integers(-3, 4, size=(h, w, 1), dtype=np.int16)
-    pixels = np.clip(np.asarray(image, np.int16) + grain, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
+    # fine luminance grain over everything, -3..+3 (kept mild so JPEGs stay small)
+    grain = Image.fromarray(rng.integers(0, 7, size=(h, w), dtype=np.uint8), "L")
+    return ImageChops.add(image, Image.merge("RGB", (grain, grain, grain)), scale=1.0, offset=-3)
 
 
 def encode_jpeg(image: Image.Image) -> bytes:
