@@ -18,7 +18,7 @@ import torch
 # Padding value per field when items of different length are batched (default 0).
 PAD_VALUES = {"lm_label_ids": -1, "mlm_labels": -1, "masked_ids": 0, "region_labels": -1}
 # Fields whose padded area gets a boolean validity mask ``<field>_mask`` (True = real data).
-MASKED_FIELDS = {"image": 2}  # value: number of trailing dims the mask covers (H, W)
+MASKED_FIELDS = {"image": 2, "image_1": 2}  # value: number of trailing dims the mask covers (H, W)
 
 
 class Sample(OrderedDict):
