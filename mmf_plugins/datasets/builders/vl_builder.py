@@ -80,6 +80,7 @@ class VLDatasetBuilder(BaseDatasetBuilder):
 
     def build(self, config: DictConfig) -> None:
         missing = [p for split in ("train", "val", "test") for p in self.splits_files(config, split) if not p.exists()]
+        missing = list(dict.fromkeys(missing))
         shapes_root = data_root(config) / SHAPES_DIRNAME
         # the embedded default corpus generates itself (its region features come from mmf_extract_features)
         if any(shapes_root in p.parents and "features" not in p.relative_to(shapes_root).parts for p in missing):
