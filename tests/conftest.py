@@ -4,11 +4,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "tests" / "fixtures" / "user_dir"
 
 os.environ.setdefault("MMF_CACHE_DIR", str(ROOT / ".pytest_mmf_cache"))
+# Tiny test models spend more time in thread hand-offs than in math: one intra-op thread keeps the
+# suite fast and its timing stable on 2 shared cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

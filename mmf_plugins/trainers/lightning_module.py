@@ -88,6 +88,7 @@ class MMFLightningModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self._count_bad(batch)
+        self._maybe_new_epoch()
         output = self.model(batch)
         losses = output.get("losses") or {}
         if not losses:
@@ -116,6 +117,17 @@ class MMFLightningModule(pl.LightningModule):
                     s.step()
             self.num_updates += 1
         return total.detach()
+
+    def _maybe_new_epoch(self) -> None:
+        """Models with epoch schedules (SOHO's backbone freeze) get ``on_train_epoch_start(epoch)``;
+        an epoch is one pass over the training data in MMF's sense (batches_per_epoch updates)."""
+        hook = getattr(self.model, "on_train_epoch_start", None)
+        if hook is None or self.data_module is None:
+            return
+        epoch = self.batches_consumed // max(1, self.data_module.batches_per_epoch())
+        if epoch != getattr(self, "_epoch_seen", None):
+            self._epoch_seen = epoch
+            hook(epoch)
 
     def _count_bad(self, batch) -> None:
         n_bad = len(batch.get("bad_items", []) or [])

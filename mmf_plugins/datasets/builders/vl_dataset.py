@@ -90,17 +90,25 @@ class VisionLanguageDataset(BaseDataset):
             out = self.bbox_processor(dict(record))
             fields[f"image_feature_{slot}"] = out["image_feature_0"]
             fields[f"image_info_{slot}"] = out["image_info_0"]
-            names = record.get("object_names")
-            if names is not None:
-                names = list(names)[: self.max_features]
-                tags = " ".join(n.replace("_", " ") for n in names)
+            tags = tags_from_record(record, self.max_features)
         return fields, text, tags
 
     def text_b(self, tags: str | None) -> str | None:
-        """``text_b: tags`` (VinVL: detector tags as segment B), a literal (VL-BERT: "[MASK]"), or None."""
-        mode = self.config.get("text_b", None)
-        if mode is None or mode is False:
-            return None
-        if mode == "tags":
-            return tags or ""
-        return str(mode)
+        return text_b_for(self.config, tags)
+
+
+def text_b_for(config: DictConfig, tags: str | None) -> str | None:
+    """``text_b: tags`` (VinVL: detector tags as segment B), a literal (VL-BERT: "[MASK]"), or None."""
+    mode = config.get("text_b", None)
+    if mode is None or mode is False:
+        return None
+    if mode == "tags":
+        return tags or ""
+    return str(mode)
+
+
+def tags_from_record(record: dict, max_features: int) -> str | None:
+    names = record.get("object_names")
+    if names is None:
+        return None
+    return " ".join(n.replace("_", " ") for n in list(names)[:max_features])

@@ -23,7 +23,7 @@ import torch
 from mmf_plugins.common.registry import registry
 from mmf_plugins.common.sample import Sample
 from mmf_plugins.datasets.builders.vl_builder import VLDatasetBuilder, resolve
-from mmf_plugins.datasets.builders.vl_dataset import VisionLanguageDataset
+from mmf_plugins.datasets.builders.vl_dataset import VisionLanguageDataset, tags_from_record
 
 
 def read_pairs(path) -> list[tuple[int, str]]:
@@ -105,8 +105,7 @@ class VLPretrainDataset(VisionLanguageDataset):
         if not self.use_features:
             return {}, None, None
         record = self.feature_db.get(self.feature_key(image_id))
-        names = list(record.get("object_names") or [])[: self.max_features]
-        return {}, None, " ".join(n.replace("_", " ") for n in names)
+        return {}, None, tags_from_record(record, self.max_features)
 
 
 @registry.register_builder("vl_pretrain")
