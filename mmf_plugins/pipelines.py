@@ -125,6 +125,8 @@ class VQAPipeline:
                 raise ValueError(f"model '{self.model_name}' reads region features: give extractor={{type, params}} or record "
                                  f"dataset_config.{self.dataset}.feature_extractor in the run config")
             spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True) if not isinstance(spec, dict) else spec
+            if "type" not in spec:
+                raise ValueError(f"feature_extractor of dataset '{self.dataset}' needs a 'type' (a registered extractor), got {spec}")
             self.extractor = registry.get_extractor_class(spec["type"])(**(spec.get("params") or {}))
 
     # ------------------------------------------------------------------ call
@@ -172,9 +174,8 @@ class VQAPipeline:
             batch = self.preprocess(images[start:start + batch_size], questions[start:start + batch_size])
             with self._autocast():
                 scores = self.model(batch)["scores"].float()
-            probs = torch.sigmoid(scores)
-            top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-            for vals, idxs in zip(top.values.tolist(), top.indices.tolist()):
+            vals_t, idx_t = self.answer_processor.predict_indices(scores, top_k)
+            for vals, idxs in zip(torch.sigmoid(vals_t).tolist(), idx_t.tolist()):
                 results.append([{"answer": self.answer_processor.idx2word(i), "score": v} for i, v in zip(idxs, vals)])
         return results[0] if single else results
 

@@ -151,6 +151,17 @@ class VQAAnswerProcessor(BaseProcessor):
             )
         return self.unk_index
 
+    def predict_indices(self, scores, k: int = 1):
+        """Top-``k`` answer indices from ``scores`` (B, num_answers), never the unk answer (as MMF and
+        the official evaluation: ``<unk>`` is not an answer). Returns (values, indices)."""
+        import torch
+
+        scores = scores.float()
+        if self.unk_index is not None and scores.shape[-1] > 1:
+            scores = scores.clone()
+            scores[..., self.unk_index] = float("-inf")
+        return torch.topk(scores, min(k, scores.shape[-1]), dim=-1)
+
     def idx2word(self, index: int) -> str:
         if not 0 <= int(index) < len(self.answer_list):
             raise IndexError(f"answer index {index} outside the vocabulary (size {len(self.answer_list)})")

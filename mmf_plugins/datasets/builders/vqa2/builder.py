@@ -57,7 +57,7 @@ class VQA2Dataset(VisionLanguageDataset):
 
     def format_for_prediction(self, batch, output):
         ap = self.answer_processor
-        idx = output["scores"].argmax(dim=-1).tolist()
+        idx = ap.predict_indices(output["scores"])[1][:, 0].tolist()
         return [{"question_id": int(q), "answer": ap.idx2word(i)} for q, i in zip(batch.question_id.tolist(), idx)]
 
 

@@ -1,0 +1,1 @@
+"""Reports built from finished runs (mmf_compare)."""
