@@ -73,6 +73,27 @@ def _accelerator(config: DictConfig) -> str:
     return "gpu" if device == "cuda" else device
 
 
+ANSWER_COUNT_KEYS = ("num_answers", "num_labels")
+
+
+def apply_dataset_outputs(model_cfg: DictConfig, datasets: list[str]) -> None:
+    """MMF's ``<dataset>_num_final_outputs``: a VQA head gets as many outputs as the dataset's answer
+    vocabulary (3129 for VQA v2, 45 for shapes), whatever the model config says."""
+    if str(model_cfg.get("training_head_type", "")) != "vqa":
+        return
+    for name in datasets:
+        n = registry.get(f"{name}_num_final_outputs")
+        if n is None:
+            continue
+        for key in ANSWER_COUNT_KEYS:
+            if key in model_cfg and model_cfg[key] != n:
+                logger.info("model_config.%s=%s set to %d, the size of %s's answer vocabulary", key, model_cfg[key], n, name)
+                OmegaConf.set_struct(model_cfg, False)
+                model_cfg[key] = int(n)
+                OmegaConf.set_struct(model_cfg, True)
+        return
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -100,7 +121,6 @@ class LightningTrainer:
             cfg.training.seed = seed
             OmegaConf.set_struct(cfg, True)
         pl.seed_everything(seed, workers=True, verbose=False)
-        save_config(cfg, self.save_dir)
         datasets = dataset_list(cfg)
         self.data = DataModule(cfg)
         # builders publish model-facing values (e.g. number of answers) before the model is built
@@ -111,6 +131,8 @@ class LightningTrainer:
             b.build(ds_cfg)
             b.update_registry_for_model(ds_cfg)
         model_cfg = cfg.model_config.get(cfg.model, OmegaConf.create({}))
+        apply_dataset_outputs(model_cfg, datasets)
+        save_config(cfg, self.save_dir)
         self.model = build_model(cfg.model, model_cfg)
         logger.info("model %s: %.2fM parameters", cfg.model, sum(p.numel() for p in self.model.parameters()) / 1e6)
         self._load_checkpoint()
@@ -266,12 +288,22 @@ class LightningTrainer:
         return path
 
     def write_summary(self, results: dict) -> None:
-        self.summary.update({
-            "model": self.config.model, "datasets": dataset_list(self.config), "run_type": self.run_type,
-            "num_parameters": sum(p.numel() for p in self.model.parameters()),
-            "peak_rss_mib": round(peak_rss_mib(), 1), "results": results,
-        })
+        """``summary.json``: a later val/test/predict run on the same save_dir adds its results to the
+        training run's summary instead of replacing it (keys are split-prefixed: val/..., test/...)."""
         path = self.save_dir / "summary.json"
+        previous = {}
+        if path.exists() and "train_time_s" not in self.summary:
+            previous = json.loads(path.read_text())
+        merged_results = {**previous.get("results", {}), **results}
+        self.summary = {**previous, **self.summary}
+        self.summary.update({
+            "model": self.config.model, "datasets": dataset_list(self.config),
+            "run_type": previous.get("run_type", self.run_type),
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            # the training run's peak memory stays the run's figure
+            "peak_rss_mib": previous.get("peak_rss_mib", round(peak_rss_mib(), 1)),
+            "results": merged_results,
+        })
         tmp = path.with_name(".summary.json.tmp")
         tmp.write_text(json.dumps(self.summary, indent=2, default=float))
         os.replace(tmp, path)

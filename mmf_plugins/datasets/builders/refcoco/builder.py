@@ -52,7 +52,9 @@ class RefCOCODataset(VisionLanguageDataset):
         with open(path, encoding="utf-8") as f:
             self.refs = json.load(f)
         if not isinstance(self.refs, list):
-            raise ValueError(f"{path}: expected a json list of refs (VL-BERT's flattened RefCOCO+), got {type(self.refs).__name__}")
+            raise ValueError(  # noqa: TRY004  (a data-file error)
+                f"{path}: expected a json list of refs (VL-BERT's flattened RefCOCO+), got {type(self.refs).__name__}"
+            )
         limit = (config.get("max_samples", None) or {}).get(dataset_type)
         if limit:
             self.refs = self.refs[: int(limit)]
