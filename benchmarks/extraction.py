@@ -3,8 +3,8 @@
 (class-agnostic vs our batched per-class NMS vs the original's Python loop over 1594 classes vs
 torchvision ``batched_nms``); writer throughput per format.
 
-    python benchmarks/extraction.py [--device cpu|cuda] [--grid_images 8] [--x152_images 2] [--skip_x152]
-                                    [--records 200] [--nms_repeat 3]
+    python benchmarks/extraction.py [--device cpu|cuda] [--parts nms,writers,grid,x152] [--grid_images 8]
+                                    [--x152_images 2] [--records 200] [--nms_repeat 3] [--threads N]
 
 Ratios are measured in one run on one device; absolute numbers are tagged with the device. Results go to
 ``benchmarks/results/extraction_<device>.json``.
@@ -13,6 +13,7 @@ Ratios are measured in one run on one device; absolute numbers are tagged with t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -23,12 +24,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, sync, timeit, write_json  # noqa: E402
+from common import RESULTS, device_tag, print_table, sync, timeit, write_json
 
-from mmf_plugins import setup_imports  # noqa: E402
-from mmf_plugins.common.registry import registry  # noqa: E402
-from mmf_plugins.extraction import runner  # noqa: E402
-from mmf_plugins.extraction.detectors.vinvl import (  # noqa: E402
+from mmf_plugins import setup_imports
+from mmf_plugins.common.registry import registry
+from mmf_plugins.extraction import runner
+from mmf_plugins.extraction.detectors.vinvl import (
     VinVLDetectorConfig,
     filter_best_class,
     filter_class_agnostic,
@@ -53,6 +54,7 @@ def end_to_end(extractor, images: Path, batch_size: int, workers: int) -> dict:
         writer.close()
     t = s.timing
     return {
+        "threads": torch.get_num_threads(),
         "images": s.done,
         "images_per_s": s.done / t["wall_s"],
         "s_per_image": t["wall_s"] / max(1, s.done),
@@ -104,7 +106,7 @@ def torchvision_batched_best_class(boxes, scores, thresh=0.2, min_boxes=10, max_
 def nms_stage(device: str, repeat: int) -> list[dict]:
     cfg = VinVLDetectorConfig()
     boxes, scores = nms_inputs(cfg.post_nms_top_n, cfg.num_classes, device)
-    common = dict(score_thresh=0.2, min_boxes=10, max_boxes=100)
+    common = {"score_thresh": 0.2, "min_boxes": 10, "max_boxes": 100}
     # check first that the vectorised mode 1 keeps what the loop keeps
     vec = filter_best_class(boxes, scores, nms_thresh=0.3, **common).index
     ref = python_loop_best_class(boxes, scores)
@@ -112,6 +114,9 @@ def nms_stage(device: str, repeat: int) -> list[dict]:
     paths = {
         "mode 2: class-agnostic (1 NMS)": lambda: filter_class_agnostic(boxes, scores, nms_thresh=0.5, **common),
         "mode 1: batched per-class NMS (ours)": lambda: filter_best_class(boxes, scores, nms_thresh=0.3, **common),
+        "mode 1: batched per-class NMS, all pairs (ours, no pre-filter)": lambda: filter_best_class(
+            boxes, scores, nms_thresh=0.3, prefilter=0.0, **common
+        ),
         "mode 0: per-class, score > 0.2 (ours)": lambda: filter_per_class(boxes, scores, nms_thresh=0.5, **common),
         "mode 1: Python loop over 1594 classes (original)": lambda: python_loop_best_class(boxes, scores),
         "mode 1: torchvision batched_nms on all pairs": lambda: torchvision_batched_best_class(boxes, scores),
@@ -119,7 +124,8 @@ def nms_stage(device: str, repeat: int) -> list[dict]:
     times = {name: min(timeit(fn, warmup=1, repeat=repeat, device=device)) for name, fn in paths.items()}
     loop = times["mode 1: Python loop over 1594 classes (original)"]
     return [
-        {"path": name, "ms_per_image": 1e3 * t, "speedup_vs_loop": loop / t, "boxes": cfg.post_nms_top_n, "classes": cfg.num_classes}
+        {"path": name, "ms_per_image": 1e3 * t, "speedup_vs_loop": loop / t, "boxes": cfg.post_nms_top_n,
+         "classes": cfg.num_classes, "threads": torch.get_num_threads()}
         for name, t in times.items()
     ]
 
@@ -163,29 +169,42 @@ def main(argv=None) -> None:
     p.add_argument("--grid_images", type=int, default=8)
     p.add_argument("--x152_images", type=int, default=2)
     p.add_argument("--skip_x152", action="store_true")
+    p.add_argument("--parts", default="nms,writers,grid,x152", help="comma list of nms, writers, grid, x152")
     p.add_argument("--records", type=int, default=200)
     p.add_argument("--nms_repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     setup_imports()
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if args.skip_x152:
+        parts.discard("x152")
+    unknown = parts - {"nms", "writers", "grid", "x152"}
+    if unknown:
+        raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from nms, writers, grid, x152")
     results = {"args": vars(args)}
 
-    nms_rows = nms_stage(args.device, args.nms_repeat)
-    print_table(f"NMS stage: 300 proposals x 1595 classes ({args.device})", nms_rows)
-    results["nms_stage"] = nms_rows
+    if "nms" in parts:
+        nms_rows = nms_stage(args.device, args.nms_repeat)
+        print_table(f"NMS stage: 300 proposals x 1595 classes ({args.device}, {torch.get_num_threads()} threads)", nms_rows)
+        results["nms_stage"] = nms_rows
 
-    writer_rows = writer_throughput(args.records)
-    print_table("Writers: 50 regions/record, 2048-d features + cls_prob 1595 + attributes", writer_rows)
-    results["writers"] = writer_rows
+    if "writers" in parts:
+        writer_rows = writer_throughput(args.records)
+        print_table("Writers: 50 regions/record, 2048-d features + cls_prob 1595 + attributes", writer_rows)
+        results["writers"] = writer_rows
 
     e2e = []
     with tempfile.TemporaryDirectory() as tmp:
         images = Path(tmp) / "images"
         make_images(images, max(args.grid_images, args.x152_images), 600, 1000)
-        grid = registry.get_extractor_class("grid")(backbone="resnet50", device=args.device)
-        row = end_to_end(grid, images, batch_size=2, workers=args.workers)
-        e2e.append({"extractor": "grid resnet50 (C5, 19x32 cells)", "input": "600x1000", **row})
-        if not args.skip_x152:
+        if "grid" in parts:
+            grid = registry.get_extractor_class("grid")(backbone="resnet50", device=args.device)
+            row = end_to_end(grid, images, batch_size=2, workers=args.workers)
+            e2e.append({"extractor": "grid resnet50 (C5, 19x32 cells)", "input": "600x1000", **row})
+        if "x152" in parts:
             sub = Path(tmp) / "x152"
             sub.mkdir()
             for f in sorted(images.glob("*.jpg"))[: args.x152_images]:
@@ -196,9 +215,13 @@ def main(argv=None) -> None:
             build_s = time.perf_counter() - t0
             row = end_to_end(det, sub, batch_size=1, workers=args.workers)
             e2e.append({"extractor": "vinvl_x152c4 (300 proposals, mode 2)", "input": "600x1000", **row, "build_s": build_s})
-    print_table(f"End to end: decode -> extractor -> npy writer ({args.device}, fp32)", e2e)
-    results["end_to_end"] = e2e
+    if e2e:
+        print_table(f"End to end: decode -> extractor -> npy writer ({args.device}, fp32)", e2e)
+        results["end_to_end"] = e2e
     sync(args.device)
+    previous = RESULTS / f"extraction_{device_tag(args.device)}.json"
+    if previous.is_file() and parts != {"nms", "writers", "grid", "x152"}:  # a partial run updates its sections
+        results = {**json.loads(previous.read_text()), **results}
     path = write_json("extraction", results, args.device)
     print(f"wrote {path}")
 
