@@ -710,7 +710,7 @@ def test_refcoco_dataset_targets_are_iou_with_the_referred_box(shapes_root):
     assert ds.format_for_prediction(batch, out)[0]["ref_id"] == ds.refs[0]["ref_id"]
 
 
-def test_vqa_head_takes_answers_and_their_word_pieces_from_the_run_registry(shapes_root):
+def test_vqa_head_takes_answer_word_pieces_from_the_run_registry(shapes_root):
     from omegaconf import OmegaConf
 
     from mmf_plugins.common.registry import registry
@@ -726,7 +726,7 @@ def test_vqa_head_takes_answers_and_their_word_pieces_from_the_run_registry(shap
         registry.register("toyvqa_answer_processor", answers)
         registry.register("toyvqa_text_processor_config", text_cfg)
         registry.register("toyvqa_num_final_outputs", len(answers))
-        model = tiny("vqa", vocab_size=600, classifier_pretrained=True)
+        model = tiny("vqa", vocab_size=600, classifier_pretrained=True, num_labels=len(answers))  # as mmf_run sets it
     finally:
         for key, value in saved.items():
             registry.unregister(key) if value is None else registry.register(key, value)

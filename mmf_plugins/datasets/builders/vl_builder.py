@@ -83,7 +83,9 @@ class VLDatasetBuilder(BaseDatasetBuilder):
         missing = list(dict.fromkeys(missing))
         shapes_root = data_root(config) / SHAPES_DIRNAME
         # the embedded default corpus generates itself (its region features come from mmf_extract_features)
-        if any(shapes_root in p.parents and "features" not in p.relative_to(shapes_root).parts for p in missing):
+        generatable = [p for p in missing if shapes_root in p.parents and "features" not in p.relative_to(shapes_root).parts]
+        # generating helps only when every missing file (features aside) belongs to the corpus
+        if generatable and all(shapes_root in p.parents for p in missing):
             logger.info("generating the shapes corpus at %s", shapes_root)
             ensure_shapes(config)
             missing = [p for p in missing if not p.exists()]

@@ -606,11 +606,8 @@ class VLBertModel(BaseModel):
                     self.bert_config.num_hidden_layers, hf.config.num_hidden_layers)
 
     def _registered_num_labels(self) -> int:
-        _, value = _registered_dataset_value("num_final_outputs")
-        if value is not None and int(value) != self.config.num_labels:
-            logger.info("VL-BERT: %d answers from the dataset (model_config.vl_bert.num_labels=%d ignored)",
-                        int(value), self.config.num_labels)
-            return int(value)
+        # the trainer sets num_labels to the dataset's answer vocabulary (<dataset>_num_final_outputs)
+        # before building the model, so the config is the single source here
         return int(self.config.num_labels)
 
     def _answer_token_ids(self) -> list[list[int]] | None:
