@@ -52,6 +52,8 @@ def setup_logging(save_dir: Path) -> None:
     # our sampler resumes mid-epoch by itself (ResumableBatchSampler.start_batch); Lightning cannot see that
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # SOHO keeps frozen backbone stages in eval mode on purpose (frozen BN statistics)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
 
 
 def _precision(config: DictConfig, accelerator: str) -> str:
@@ -85,8 +87,10 @@ def apply_dataset_outputs(model_cfg: DictConfig, datasets: list[str]) -> None:
         n = registry.get(f"{name}_num_final_outputs")
         if n is None:
             continue
-        for key in ANSWER_COUNT_KEYS:
-            if key in model_cfg and model_cfg[key] != n:
+        # SOHO names its VQA output count num_answers (num_labels is its NLVR2/SNLI-VE classes);
+        # VinVL and VL-BERT call it num_labels
+        for key in [k for k in ANSWER_COUNT_KEYS if k in model_cfg][:1]:
+            if model_cfg[key] != n:
                 logger.info("model_config.%s=%s set to %d, the size of %s's answer vocabulary", key, model_cfg[key], n, name)
                 OmegaConf.set_struct(model_cfg, False)
                 model_cfg[key] = int(n)

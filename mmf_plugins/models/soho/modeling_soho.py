@@ -665,6 +665,8 @@ class SohoVQAHead(nn.Module):
         scores = self.vqa(encoded["hidden"][:, 0])
         output = {"scores": scores, "losses": {}}
         soft = targets["targets"]
+        if soft is not None and soft.dim() == 3:  # (B, K, A): K questions per image, flattened like the text
+            soft = soft.flatten(0, 1)
         if soft is not None:
             if tuple(soft.shape) != tuple(scores.shape):
                 raise ValueError(f"VQA targets {tuple(soft.shape)} do not match scores {tuple(scores.shape)} "

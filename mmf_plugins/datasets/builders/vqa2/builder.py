@@ -4,11 +4,20 @@ Each item: the question (with detector tags as segment B for VinVL, or a literal
 VL-BERT), the image or its region features, and — where annotations exist — the 10 raw answers and
 their soft-score ``targets`` from ``answer_processor``. Prediction rows: ``{"question_id", "answer"}``
 (EvalAI's submission format). The test split has questions only, like the real one.
+
+``questions_per_image: K`` (train split only; default 1 = one question per item, as MMF) makes each
+training item one image with K of its questions (drawn without replacement while it has enough, with
+replacement otherwise): ``input_ids`` (K, T), ``targets`` (K, A). A grid model then runs its backbone
+once for K questions — the release's ``sentence_group`` mechanism (SOHO expands image features per
+sentence), which makes end-to-end training from pixels several times cheaper per question.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+
+import torch
 
 from mmf_plugins.common.registry import registry
 from mmf_plugins.common.sample import Sample
@@ -38,15 +47,44 @@ class VQA2Dataset(VisionLanguageDataset):
         n = limit.get(dataset_type) if hasattr(limit, "get") else None
         if n:
             self.questions = self.questions[: int(n)]
+        self.group_size = int(config.get("questions_per_image", 1) or 1) if dataset_type == "train" else 1
+        self.groups = None
+        if self.group_size > 1:
+            by_image: OrderedDict[int, list[int]] = OrderedDict()
+            for i, q in enumerate(self.questions):
+                by_image.setdefault(int(q["image_id"]), []).append(i)
+            self.groups = list(by_image.values())
 
     def __len__(self):
-        return len(self.questions)
+        return len(self.groups) if self.groups is not None else len(self.questions)
 
     def get_item(self, idx):
+        if self.groups is None:
+            return self._question_item(idx)
+        members = self.groups[idx]
+        k = self.group_size
+        if len(members) >= k:
+            chosen = [members[int(i)] for i in torch.randperm(len(members))[:k]]
+        else:
+            chosen = [members[int(i)] for i in torch.randint(len(members), (k,))]
+        items = [self._question_item(i, with_visual=(j == 0)) for j, i in enumerate(chosen)]
+        sample = Sample(items[0])
+        for key in ("input_ids", "input_mask", "segment_ids", "lm_label_ids", "targets"):
+            if key in items[0]:
+                sample[key] = torch.stack([it[key] for it in items])
+        for key in ("question_id", "answers", "text", "question_type", "answer_type"):
+            if key in items[0]:
+                sample[key] = [it[key] for it in items]
+        return sample
+
+    def _question_item(self, idx, with_visual: bool = True):
         q = self.questions[idx]
         sample = Sample(question_id=int(q["question_id"]), image_id=int(q["image_id"]), id=int(q["question_id"]))
-        fields, text, tags = self.load_visual(q["image_id"], text=q["question"])
-        sample.update(fields)
+        if with_visual:
+            fields, text, tags = self.load_visual(q["image_id"], text=q["question"])
+            sample.update(fields)
+        else:  # the group's image was loaded with its first question
+            text, tags = q["question"], None
         sample.update(self.text_processor({"text": text, "text_b": self.text_b(tags)}))
         ann = self.answers.get(q["question_id"])
         if ann is not None:
