@@ -129,6 +129,7 @@ class MMFLoopCallback(pl.Callback):
             if torch.cuda.is_available():
                 values["max mem"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             self._log(trainer, values, u)
+            pl_module.reset_logged_losses()
         if self.run_val and (u % self.evaluation_interval == 0 or u == self.max_updates):
             self._validate(trainer, pl_module, u)
         if u % self.checkpoint_interval == 0 or u == self.max_updates or trainer.should_stop:

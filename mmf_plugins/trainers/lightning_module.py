@@ -60,6 +60,7 @@ class MMFLightningModule(pl.LightningModule):
         self.bad_items = 0
         self.seen_items = 0
         self.last_losses: dict[str, float] = {}
+        self._loss_sums: dict[str, tuple[float, int]] = {}
         self._pending_rng = None
 
     # ------------------------------------------------------------------ data
@@ -99,9 +100,16 @@ class MMFLightningModule(pl.LightningModule):
         total = sum(losses.values())
         self.manual_backward(total / self.update_frequency)
         self.batches_consumed += 1
-        self.last_losses = {f"train/{k.split('/', 1)[1]}" if k.count("/") >= 2 else f"train/{k}": float(v.detach())
-                            for k, v in losses.items()}
-        self.last_losses["train/total_loss"] = float(total.detach())
+        # logged losses: the mean of each loss over the batches since the last log line (every dataset of
+        # a multi-dataset run shows its losses, not only the last batch's dataset); the loop callback resets
+        named = {f"train/{k.split('/', 1)[1]}" if k.count("/") >= 2 else f"train/{k}": float(v.detach())
+                 for k, v in losses.items()}
+        named["train/total_loss"] = float(total.detach())
+        for k, v in named.items():
+            s, n = self._loss_sums.get(k, (0.0, 0))
+            self._loss_sums[k] = (s + v, n + 1)
+        order = sorted(self._loss_sums, key=lambda k: (k == "train/total_loss", k))  # stable columns, total last
+        self.last_losses = {k: self._loss_sums[k][0] / self._loss_sums[k][1] for k in order}
         if self.batches_consumed % self.update_frequency == 0:
             optimizers = self.optimizers()
             optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -117,6 +125,10 @@ class MMFLightningModule(pl.LightningModule):
                     s.step()
             self.num_updates += 1
         return total.detach()
+
+    def reset_logged_losses(self) -> None:
+        """Start a new averaging window for ``last_losses`` (called after each train log line)."""
+        self._loss_sums = {}
 
     def _maybe_new_epoch(self) -> None:
         """Models with epoch schedules (SOHO's backbone freeze) get ``on_train_epoch_start(epoch)``;

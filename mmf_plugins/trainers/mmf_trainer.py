@@ -165,7 +165,9 @@ class LightningTrainer:
         state = load_weights_file(path)
         ck = self.config.checkpoint
         full = isinstance(state, dict) and "optimizer_states" in state and "loops" in state
-        if full and not ck.get("resume_pretrained") and not ck.reset.get("all", False):
+        training = "train" in self.run_type and not self.config.evaluation.get("predict", False)
+        # a full checkpoint resumes training; val/test/predict runs load its model weights below
+        if full and training and not ck.get("resume_pretrained") and not ck.reset.get("all", False):
             self.resume_ckpt = str(path)
             logger.info("resuming training from %s (update %s)", path, state.get("num_updates"))
             return

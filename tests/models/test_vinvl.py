@@ -359,10 +359,10 @@ def test_cached_decoding_equals_uncached(num_beams):
     b = make_batch(B=3, T=12, R=5, seed=3)
     cached = m.generate(b, num_beams=num_beams, use_cache=True)
     full = m.generate(b, num_beams=num_beams, use_cache=False)
-    assert torch.equal(cached["captions"], full["captions"])
+    assert torch.equal(cached["caption_ids"], full["caption_ids"])
     assert torch.allclose(cached["caption_scores"], full["caption_scores"], atol=1e-5)
-    assert cached["captions"].shape == (3, 6)
-    assert len({tuple(c) for c in cached["captions"].tolist()}) > 1  # captions depend on the image
+    assert cached["caption_ids"].shape == (3, 6)
+    assert len({tuple(c) for c in cached["caption_ids"].tolist()}) > 1  # captions depend on the image
 
 
 def test_decoding_step_matches_training_forward():
@@ -370,7 +370,7 @@ def test_decoding_step_matches_training_forward():
     m = _caption_model()
     b = make_batch(B=2, T=12, R=5, seed=4)
     out = m.generate(b, num_beams=1, use_cache=True, max_length=4)  # [CLS] w1 w2 ([SEP] replaces w3)
-    w1 = out["captions"][:, 0]
+    w1 = out["caption_ids"][:, 0]
     assert (w1 != 2).all()
     tags = b.input_ids[:, 6:12]
     ids = torch.cat([torch.tensor([[1], [1]]), w1[:, None], torch.full((2, 1), 3), torch.zeros(2, 5, dtype=torch.long), tags], 1)
@@ -383,7 +383,7 @@ def test_decoding_step_matches_training_forward():
     train = SampleList({**b, "input_ids": ids, "segment_ids": seg, "input_mask": mask, "lm_label_ids": labels})
     m.config.generate_in_eval = False
     logits = m(train)["scores"]
-    assert torch.equal(logits.argmax(-1), out["captions"][:, 1])
+    assert torch.equal(logits.argmax(-1), out["caption_ids"][:, 1])
 
 
 # ------------------------------------------------------------------------------ heads train

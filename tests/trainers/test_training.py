@@ -91,6 +91,11 @@ def test_predict_writes_submission_rows(base_opts, tmp_path):
     assert len(files) == 1
     rows = json.loads(files[0].read_text())
     assert len(rows) == 64 and set(rows[0]) == {"id", "label"}
+    # a full training checkpoint as resume_file gives the same (trained) predictions
+    predict(base_opts + [f"checkpoint.resume_file={tmp_path / 'save' / 'current.ckpt'}",
+                         "training.experiment_name=from_ckpt"])
+    (ckpt_file,) = list((tmp_path / "save" / "reports").glob("numbers_from_ckpt_test_*.json"))
+    assert json.loads(ckpt_file.read_text()) == rows
 
 
 def test_nan_loss_stops_with_update_number(base_opts, tmp_path):

@@ -417,7 +417,10 @@ class VinVLModel(BaseModel):
     labels of its head: ``targets`` (vqa / nlvr2 / snli_ve), ``is_correct`` (retrieval), ``lm_label_ids``
     and ``contrastive_labels`` (pretraining), ``lm_label_ids`` (captioning). Returns ``scores`` and
     ``losses`` (keyed ``{dataset_type}/{dataset_name}/{name}``); retrieval adds ``logits``, captioning in
-    eval mode adds ``captions (B, max_gen_length - 1)`` (no [CLS]; [SEP] then [PAD]) and ``caption_scores``.
+    eval mode adds ``caption_ids (B, max_gen_length - 1)`` (no [CLS]; [SEP] then [PAD]), ``caption_scores``
+    and ``captions`` (list of B strings, what the caption metrics read) when the dataset registered a
+    decoder as ``registry.register(f"{dataset_name}_caption_decoder", fn)``, ``fn(ids (B, L)) -> list[str]``
+    (the ``coco`` builder registers its text processor's ``batch_decode``; the model never sees a tokenizer).
     """
 
     Config = VinVLConfig
@@ -425,6 +428,7 @@ class VinVLModel(BaseModel):
     def __init__(self, config: DictConfig | dict | None = None):
         super().__init__(config)
         self.config = vinvl_config(self.config)
+        self._warned_no_decoder: set = set()
 
     @classmethod
     def config_path(cls) -> str:
@@ -692,6 +696,9 @@ class VinVLModel(BaseModel):
         if not self.training and cfg.generate_in_eval:
             output.update(self.generate(sample_list))
             output["scores"] = output["caption_scores"]
+            captions = self.decode_captions(sample_list, output["caption_ids"])
+            if captions is not None:
+                output["captions"] = captions
         if "scores" not in output:
             raise ValueError(
                 "captioning forward needs lm_label_ids with at least one masked caption token "
@@ -700,6 +707,22 @@ class VinVLModel(BaseModel):
         return output
 
     # ----------------------------------------------------------------------------- decoding
+    def decode_captions(self, sample_list, caption_ids: Tensor) -> list[str] | None:
+        """Strings for ``caption_ids`` from the decoder the batch's dataset registered as
+        ``{dataset_name}_caption_decoder``; ``None`` (logged once) when there is none."""
+        name = sample_list.get("dataset_name")
+        decoder = registry.get(f"{name}_caption_decoder")
+        if decoder is None:
+            if name not in self._warned_no_decoder:
+                self._warned_no_decoder.add(name)
+                logger.warning(
+                    "no caption decoder registered for dataset %r: eval outputs carry caption_ids only, and caption "
+                    "metrics (which read output['captions'] strings) will fail. A caption dataset's builder registers "
+                    "one in update_registry_for_model as registry.register('%s_caption_decoder', fn)", name, name,
+                )
+            return None
+        return list(decoder(caption_ids.detach().cpu()))
+
     @torch.no_grad()
     def generate(
         self,
@@ -714,9 +737,9 @@ class VinVLModel(BaseModel):
         """Caption the images of ``sample_list`` from their tags (segment-1 tokens) and regions.
 
         At step t the input is ``[CLS] w1 .. w_{t-1} [MASK]`` (+ tags + regions) and the logits at
-        ``[MASK]`` give ``w_t`` (as in training). ``num_beams == 1`` decodes greedily. Returns
-        ``captions (B, max_length - 1)`` (``(B, num_keep_best, max_length - 1)`` when ``num_keep_best > 1``)
-        and ``caption_scores (B,)`` / ``(B, num_keep_best)``.
+        ``[MASK]`` give ``w_t`` (as in training). ``num_beams == 1`` decodes greedily. Returns token ids
+        ``caption_ids (B, max_length - 1)`` (``(B, num_keep_best, max_length - 1)`` when ``num_keep_best > 1``)
+        and ``caption_scores (B,)`` / ``(B, num_keep_best)``; :meth:`decode_captions` turns ids into text.
         """
         if self.config.training_head_type != "captioning":
             raise ValueError(f"generate() needs training_head_type=captioning, got {self.config.training_head_type}")
@@ -755,7 +778,7 @@ class VinVLModel(BaseModel):
         captions = tokens[:, :, 1:]
         if num_keep_best == 1:
             captions, scores = captions[:, 0], scores[:, 0]
-        return {"captions": captions, "caption_scores": scores}
+        return {"caption_ids": captions, "caption_scores": scores}
 
     def _next_token_log_probs(self, hidden: Tensor) -> Tensor:
         return F.log_softmax(self.cls.predictions(hidden).float(), dim=-1)

@@ -1,6 +1,11 @@
 """COCO captioning on Karpathy splits (``dataset_coco.json``), the captioning protocol of
 OSCAR/VinVL: training items are (image, one caption); evaluation items are one per image with all its
 reference captions (``references``) for BLEU/CIDEr. Prediction rows: ``{"image_id", "caption"}``.
+
+Decoding: a captioning model returns token ids; the builder registers the text processor's
+``batch_decode`` as ``{dataset}_caption_decoder`` (``update_registry_for_model``) for a model to turn its
+``caption_ids`` into the ``captions`` strings the caption metrics read; ``format_for_prediction`` uses
+those strings, or decodes ``caption_ids`` itself. VinVL uses the ``vinvl_caption`` text processor.
 """
 
 from __future__ import annotations
@@ -9,8 +14,9 @@ import json
 
 from mmf_plugins.common.registry import registry
 from mmf_plugins.common.sample import Sample
-from mmf_plugins.datasets.builders.vl_builder import VLDatasetBuilder, resolve
+from mmf_plugins.datasets.builders.vl_builder import VLDatasetBuilder, data_root, resolve
 from mmf_plugins.datasets.builders.vl_dataset import VisionLanguageDataset
+from mmf_plugins.processors.base_processor import build_processor
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -56,7 +62,16 @@ class CaptionDataset(VisionLanguageDataset):
         return sample
 
     def format_for_prediction(self, batch, output):
-        return [{"image_id": int(i), "caption": c} for i, c in zip(batch.image_id.tolist(), output["captions"])]
+        captions = output.get("captions")
+        if captions is None or not all(isinstance(c, str) for c in captions):
+            ids = output.get("caption_ids", captions)
+            if ids is None or not hasattr(self.text_processor, "batch_decode"):
+                raise KeyError(
+                    f"dataset '{self.dataset_name}' predictions need output['captions'] (strings) or output['caption_ids'] "
+                    "with a text processor that can batch_decode (e.g. vinvl_caption)"
+                )
+            captions = self.text_processor.batch_decode(ids)
+        return [{"image_id": int(i), "caption": c} for i, c in zip(batch.image_id.tolist(), captions)]
 
 
 @registry.register_builder("coco")
@@ -70,3 +85,12 @@ class COCOCaptionBuilder(VLDatasetBuilder):
     @classmethod
     def config_path(cls):
         return "configs/datasets/coco/defaults.yaml"
+
+    def update_registry_for_model(self, config):
+        super().update_registry_for_model(config)
+        spec = (config.get("processors", None) or {}).get("text_processor")
+        if spec is None:
+            return
+        processor = build_processor(spec, data_dir=str(data_root(config)))
+        if hasattr(processor, "batch_decode"):
+            registry.register(f"{self.dataset_name}_caption_decoder", processor.batch_decode)
