@@ -22,7 +22,7 @@ SCRIPTS = {
     "soho.py": ["--quick"],
     "vinvl.py": ["--quick"],
     "vl_bert.py": ["--quick"],
-    "extraction.py": ["--quick"],
+    "extraction.py": ["--grid_images", "4", "--x152_images", "1", "--records", "100"],
     "grid_vs_region.py": ["--quick"],
 }
 
