@@ -163,6 +163,13 @@ def _parse_value(text: str):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if text.startswith(("[", "{")):  # unquoted lists/maps, e.g. datasets.x.files=[a.jsonl, b.jsonl]
+            import yaml
+
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
         low = text.lower()
         if low in ("true", "false"):
             return low == "true"

@@ -90,6 +90,13 @@ class MMFLightningModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         self._count_bad(batch)
         self._maybe_new_epoch()
+        if batch.get_batch_size() == 0:
+            # every item of this batch was unreadable (counted above): nothing to learn from, but the
+            # batch still counts, so accumulation and the resume position stay aligned
+            self.batches_consumed += 1
+            if self.batches_consumed % self.update_frequency == 0:
+                self._optimizer_step()
+            return None
         output = self.model(batch)
         losses = output.get("losses") or {}
         if not losses:
@@ -108,23 +115,25 @@ class MMFLightningModule(pl.LightningModule):
         for k, v in named.items():
             s, n = self._loss_sums.get(k, (0.0, 0))
             self._loss_sums[k] = (s + v, n + 1)
-        order = sorted(self._loss_sums, key=lambda k: (k == "train/total_loss", k))  # stable columns, total last
-        self.last_losses = {k: self._loss_sums[k][0] / self._loss_sums[k][1] for k in order}
+        self.last_losses = {k: s / n for k, (s, n) in self._loss_sums.items()}
         if self.batches_consumed % self.update_frequency == 0:
-            optimizers = self.optimizers()
-            optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-            clip = self.config.training.get("clip_norm")
-            for opt in optimizers:
-                if clip:
-                    self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            schedulers = self.lr_schedulers()
-            if schedulers is not None:
-                for s in schedulers if isinstance(schedulers, list) else [schedulers]:
-                    s.step()
-            self.num_updates += 1
+            self._optimizer_step()
         return total.detach()
+
+    def _optimizer_step(self) -> None:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        clip = self.config.training.get("clip_norm")
+        for opt in optimizers:
+            if clip:
+                self.clip_gradients(opt, gradient_clip_val=float(clip), gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            for s in schedulers if isinstance(schedulers, list) else [schedulers]:
+                s.step()
+        self.num_updates += 1
 
     def reset_logged_losses(self) -> None:
         """Start a new averaging window for ``last_losses`` (called after each train log line)."""

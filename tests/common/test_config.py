@@ -137,3 +137,9 @@ def test_legacy_keys_and_fp16_mapping(layers_plugin):
     cfg = build_config(["model=layers_model", "datasets=layers_ds", f"env.user_dir={layers_plugin}",
                         "training.fp16=True"])
     assert cfg.training.precision == "16-mixed"
+
+
+def test_unquoted_list_override(layers_plugin):
+    cfg = build_config(["model=layers_model", "datasets=layers_ds", f"env.user_dir={layers_plugin}",
+                        "evaluation.metrics=[accuracy, vqa_accuracy]"])
+    assert list(cfg.evaluation.metrics) == ["accuracy", "vqa_accuracy"]

@@ -102,3 +102,13 @@ def test_nan_loss_stops_with_update_number(base_opts, tmp_path):
     with pytest.raises(FloatingPointError, match=r"loss .* at update [2-3]"):
         run(base_opts + ["run_type=train", "training.max_updates=3", "optimizer.type=sgd", "optimizer.params.lr=1e30",
              "scheduler.params.num_warmup_steps=0"])
+
+
+def test_batch_of_only_bad_items_is_skipped_not_fed_to_the_model(base_opts, tmp_path):
+    # 60 of 64 items unreadable: most batches of 2 have no good item at all; the run still reaches its
+    # update count (the budget is raised to allow it) instead of handing an empty batch to the model
+    corrupt = list(range(60))
+    run(base_opts + ["run_type=train", "training.max_updates=10", "training.batch_size=2",
+                     f"dataset_config.numbers.corrupt_indices={corrupt}", "training.max_bad_fraction=1.0"])
+    summary = json.loads((tmp_path / "save" / "summary.json").read_text())
+    assert summary["num_updates"] == 10 and summary["bad_items"] >= 10

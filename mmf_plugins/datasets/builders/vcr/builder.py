@@ -17,8 +17,9 @@ strictly longer, else the last token of the question.
 Sample fields: ``input_ids, input_mask, segment_ids, text_tags`` of shape ``(num_choices, max_seq_length)``,
 ``targets`` (index of the right answer), and the regions: ``image`` + ``image_info_0`` (e2e, default:
 boxes from the annotation, ``image_info_0.scale`` maps them onto the resized image) or
-``image_feature_0`` + ``image_info_0`` from a feature store whose record for the image holds features
-of exactly the annotation's boxes, in order (``mmf_extract_features --extractor given_boxes``).
+``image_feature_0`` + ``image_info_0`` from a feature store whose record for the image (keyed by the stem of
+``img_fn``) holds features of exactly the annotation's boxes, in order (``mmf_extract_features --extractor
+given_boxes``, or ``shapes_detector`` with ``--boxes``).
 
 Deliberate differences: the question is truncated per candidate (the release shortens one shared
 question list while looping over the candidates, so later candidates can see a shorter question); no
@@ -151,7 +152,9 @@ class VCRDataset(VisionLanguageDataset):
         if self.use_images:
             fields, flipped = e2e_regions(self, item["img_fn"], boxes, self.add_image_box)
         else:
-            fields = self.feature_regions(image_id, len(item["objects"]))
+            # the store is keyed by image file stem (mmf_extract_features): the file the annotation names
+            key = Path(item["img_fn"]).stem if item.get("img_fn") else image_id
+            fields = self.feature_regions(key, len(item["objects"]))
         sample.update(fields)
         sample.update(self.encode_choices(item, flipped))
         if "answer_label" in item:
