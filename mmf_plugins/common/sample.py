@@ -17,6 +17,8 @@ import torch
 
 # Padding value per field when items of different length are batched (default 0).
 PAD_VALUES = {"lm_label_ids": -1, "mlm_labels": -1, "masked_ids": 0, "region_labels": -1}
+# Batch-level bookkeeping, not per-item data (never counted as the batch size).
+BOOKKEEPING_FIELDS = {"bad_items", "dataset_name", "dataset_type"}
 # Fields whose padded area gets a boolean validity mask ``<field>_mask`` (True = real data).
 MASKED_FIELDS = {"image": 2, "image_1": 2}  # value: number of trailing dims the mask covers (H, W)
 
@@ -74,7 +76,9 @@ class SampleList(OrderedDict):
         self[key] = value
 
     def get_batch_size(self) -> int:
-        for v in self.values():
+        for k, v in self.items():
+            if k in BOOKKEEPING_FIELDS:
+                continue
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 return v.size(0)
             if isinstance(v, SampleList):
