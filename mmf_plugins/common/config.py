@@ -189,16 +189,31 @@ def _all_keys(cfg, prefix: str = "") -> list[str]:
     return keys
 
 
+def _open_mappings(cfg: DictConfig, prefix: str = "") -> set[str]:
+    """Dotted paths of the empty mappings in ``cfg``: places where overrides may create keys."""
+    out = set()
+    for k in cfg.keys():
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig):
+            path = f"{prefix}{k}"
+            if len(node) == 0:
+                out.add(path)
+            else:
+                out |= _open_mappings(node, path + ".")
+    return out
+
+
 def apply_overrides(cfg: DictConfig, overrides: list[str], skip_missing: bool = False) -> DictConfig:
+    open_paths = _open_mappings(cfg)
     for item in overrides:
         key, text = item.split("=", 1)
         value = _parse_value(text)
         parts = key.split(".")
-        parent_key = ".".join(parts[:-1])
-        parent = OmegaConf.select(cfg, parent_key, throw_on_missing=False) if parent_key else cfg
         exists = OmegaConf.select(cfg, key, default="__missing__", throw_on_missing=False) != "__missing__"
         if not exists:
-            addable = isinstance(parent, DictConfig) and len(parent) == 0
+            # keys may be created below a mapping that was empty before the overrides
+            # (e.g. feature_extractor.type=... then feature_extractor.params.model_file=...)
+            addable = any(".".join(parts[:i]) in open_paths for i in range(1, len(parts)))
             if not addable:
                 if skip_missing:
                     continue

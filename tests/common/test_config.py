@@ -143,3 +143,12 @@ def test_unquoted_list_override(layers_plugin):
     cfg = build_config(["model=layers_model", "datasets=layers_ds", f"env.user_dir={layers_plugin}",
                         "evaluation.metrics=[accuracy, vqa_accuracy]"])
     assert list(cfg.evaluation.metrics) == ["accuracy", "vqa_accuracy"]
+
+
+def test_overrides_may_build_nested_keys_inside_an_empty_mapping(layers_plugin):
+    cfg = build_config(["model=layers_model", "datasets=layers_ds", f"env.user_dir={layers_plugin}",
+                        "checkpoint.pretrained_state_mapping.a.b=1", "checkpoint.pretrained_state_mapping.a.c=2"])
+    assert cfg.checkpoint.pretrained_state_mapping.a == {"b": 1, "c": 2}
+    with pytest.raises(ConfigError):  # but not inside a mapping that had keys
+        build_config(["model=layers_model", "datasets=layers_ds", f"env.user_dir={layers_plugin}",
+                      "training.early_stop.new.key=1"])
