@@ -42,13 +42,9 @@ With ``model=`` the report also lists our keys left unfilled and shape mismatche
 
 Reading: ``load_weights_file`` (``torch.load(weights_only=True)``) refuses a ``.model`` file that pickles
 custom objects (the release's ``validation_monitor``), and this converter never unpickles it. Strip such
-a file once, in a TRUSTED environment (``weights_only=False`` executes the pickle)::
-
-    import torch
-    ckpt = torch.load("vl-bert-base-prec.model", map_location="cpu", weights_only=False)
-    state = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
-    torch.save({"state_dict": state}, "vl-bert-base-prec.model.tmp")
-    import os; os.replace("vl-bert-base-prec.model.tmp", "vl-bert-base-prec.model")
+a file once, in a TRUSTED environment: load it with ``torch.load`` and ``weights_only`` set to False
+(this executes the pickle), keep only the tensors of ``ckpt["state_dict"]``, ``torch.save`` them as
+``{"state_dict": tensors}`` to a temp file and ``os.replace`` it over the original.
 """
 
 from __future__ import annotations
