@@ -278,7 +278,11 @@ class LightningTrainer:
             for name, rows in preds.items():
                 self._write_predictions(name, split, rows)
         if "train" in rt and self.summary.get("val_history"):
-            results.update({k: v for k, v in self.summary["val_history"][-1].items() if k.startswith("val/")})
+            # the saved model is the best one (restored after training): report its evaluation
+            history = self.summary["val_history"]
+            best = self.summary.get("best_update")
+            row = next((h for h in history if h.get("num_updates") == best), history[-1])
+            results.update({k: v for k, v in row.items() if k.startswith("val/")})
         return results
 
     def _write_predictions(self, dataset: str, split: str, rows: list) -> Path:
