@@ -19,15 +19,15 @@ Pipeline (one batch):
   -> two FC layers -> D-d region feature (D=256)
   -> cls_score (background + 6 shapes) / class-specific bbox_pred -> NMS filter (VinVL modes 0/1/2)
   -> attribute head on the kept boxes (VinVL ``AttributeRCNNPredictor``: class embedding || feature ->
-     fc + ReLU -> one score per corpus attribute).
+     fc + ReLU -> softmax over no-attribute + the corpus attributes; trained, as VinVL, with cross-entropy
+     against the object's attributes shared uniformly, so an object with 3 attributes targets 1/3 on each).
 
 Deliberate differences from VinVL X152-C4:
 * backbone and box head: the narrow trunk + FPN + two-FC head above instead of ResNeXt-152 C4 + res5 (an
   FPN region head is far cheaper per box than res5, which matters when training on a CPU);
   region features are D=256-d (``feature_dim``), not 2048-d;
-* attribute head: multi-label sigmoid scores trained with binary cross-entropy (every shape has exactly one
-  size, one colour and one texture) instead of softmax cross-entropy with a no-attribute class; records give
-  the top ``max_attr_per_obj`` attributes above ``attr_thresh`` as corpus attribute ids, -1 padded;
+* attribute records: the top ``max_attr_per_obj`` attributes with probability >= ``attr_thresh`` as corpus
+  attribute ids (1-based), padded with -1 (VinVL pads with 0, the no-attribute id);
 * boxes: by default (``box_regression=True``) each kept box is its best class's regressed box, and the
   feature and attributes are pooled again on that final box, so every feature describes its box exactly
   (scores and ``cls_prob`` stay those of the proposal that produced it); ``box_regression=False`` keeps the
@@ -126,7 +126,7 @@ class ShapesDetectorConfig:
     rpn_nms_thresh: float = 0.7
     # box head
     roi_output_size: int = 7
-    roi_sampling_ratio: int = 2
+    roi_sampling_ratio: int = 1  # one bilinear sample per bin: bins are <= 1 feature cell here
     roi_canonical_scale: int = 32  # boxes with sqrt(area) >= this pool from P3, smaller ones from P2
     feature_dim: int = 256
     box_fg_iou_thresh: float = 0.5
@@ -190,7 +190,7 @@ class ShapesPostprocessConfig:
     min_boxes: int = 1
     max_boxes: int = 20
     box_regression: bool = True
-    attr_thresh: float = 0.5
+    attr_thresh: float = 0.1
     max_attr_per_obj: int = 3
 
     def __post_init__(self) -> None:
@@ -328,12 +328,9 @@ class ShapesRoIHeads(RoIHeads):
             batch_size_per_image=cfg.box_batch_size_per_image, positive_fraction=cfg.box_positive_fraction,
             bbox_reg_weights=cfg.bbox_reg_weights, score_thresh=0.0, nms_thresh=0.5, detections_per_img=100,
         )
-        self.attribute_predictor = AttributePredictor(
-            cfg.feature_dim, cfg.num_classes, cfg.num_attributes, cfg.cls_embedding_dim, cfg.attr_hidden_dim
+        self.attribute_predictor = AttributePredictor(  # scores: [no-attribute, attribute 1..A]
+            cfg.feature_dim, cfg.num_classes, cfg.num_attributes + 1, cfg.cls_embedding_dim, cfg.attr_hidden_dim
         )
-        # start from the attribute prior (3 of 14 attributes true per object): the first steps learn features,
-        # not the base rate
-        nn.init.constant_(self.attribute_predictor.attr_score.bias, -1.3)
         self.attr_loss_weight = cfg.attr_loss_weight
 
     def region_features(self, features: Mapping[str, torch.Tensor], boxes: list[torch.Tensor],
@@ -353,8 +350,11 @@ class ShapesRoIHeads(RoIHeads):
         labels = torch.cat(labels)
         fg = labels > 0
         attr_logits = self.attribute_predictor(x[fg], labels[fg])
-        loss_attr = F.binary_cross_entropy_with_logits(attr_logits, torch.cat(attr_targets)[fg], reduction="sum")
-        loss_attr = loss_attr / fg.sum().clamp(min=1)
+        multi_hot = torch.cat(attr_targets)[fg]
+        none = (multi_hot.sum(1, keepdim=True) == 0).to(multi_hot.dtype)  # no attribute -> the no-attribute class
+        target = torch.cat([none, multi_hot], dim=1)
+        target = target / target.sum(1, keepdim=True)
+        loss_attr = -(target * F.log_softmax(attr_logits.float(), dim=1)).sum(1).sum() / fg.sum().clamp(min=1)
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
                 "loss_attributes": self.attr_loss_weight * loss_attr}
 
@@ -390,6 +390,9 @@ class ShapesDetector(nn.Module):
             nms_thresh=cfg.rpn_nms_thresh,
         )
         self.roi_heads = ShapesRoIHeads(cfg, self.backbone.out_channels)
+        # channels-last convolutions are ~10 % faster on CPU (oneDNN); state dicts are saved contiguous
+        self.backbone.to(memory_format=torch.channels_last)
+        self.rpn.to(memory_format=torch.channels_last)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0, persistent=False)
 
@@ -418,7 +421,7 @@ class ShapesDetector(nn.Module):
         for i, x in enumerate(resized):  # loop over the images of a batch
             x = x.to(self.pixel_mean.device, non_blocking=True).float()
             out[i, :, : x.shape[1], : x.shape[2]] = (x - self.pixel_mean) / self.pixel_std
-        return out, sizes
+        return out.contiguous(memory_format=torch.channels_last), sizes
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         for i, img in enumerate(images):
@@ -502,7 +505,7 @@ class ShapesDetector(nn.Module):
             feats = heads.region_features(features, [d.boxes.float() for d in dets], sizes).float()
         else:
             feats = pooled[flat_index]
-        attr_probs = torch.sigmoid(heads.attribute_predictor(feats, labels).float())
+        attr_probs = F.softmax(heads.attribute_predictor(feats, labels).float(), dim=1)[:, 1:]  # drop no-attribute
         k = min(post.max_attr_per_obj, attr_probs.shape[1])
         attr_scores, attr_index = attr_probs.topk(k, dim=1)
         keep = attr_scores >= post.attr_thresh
@@ -649,7 +652,7 @@ class ShapesDetectorExtractor(FeatureExtractor):
         max_boxes: int = 20,
         nms_filter: int = 2,
         box_regression: bool = True,
-        attr_thresh: float = 0.5,
+        attr_thresh: float = 0.1,
         max_attr_per_obj: int = 3,
     ):
         super().__init__(device=device, precision=precision)
