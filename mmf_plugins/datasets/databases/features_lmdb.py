@@ -57,7 +57,9 @@ def encode_record(record: dict) -> bytes:
 
 def decode_record(data: bytes, where: str) -> dict:
     """Inverse of ``encode_record``; also accepts MMF's pickled values. Raises ``FeatureReadError``."""
-    if data[:1] == b"\x80":  # pickle protocol >= 2: an MMF-written LMDB
+    # ours: safetensors = 8-byte header length, then a json header opening with '{"' (the length's low
+    # byte may itself be 0x80, so the pickle test below must not come first)
+    if data[:1] == b"\x80" and data[8:10] != b'{"':  # pickle protocol >= 2: an MMF-written LMDB
         try:
             info = safe_pickle.loads(data)
         except Exception as e:
