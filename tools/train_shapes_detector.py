@@ -12,7 +12,13 @@ Exit status: 0 done, 2 bad arguments or data.
 
 import argparse
 import logging
+import os
 import sys
+
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads made training up to
+# 7x slower (measured: 430 vs 63 ms per image with another process busy; 20 % slower when the machine is idle).
+# Set before torch is imported; an OMP_WAIT_POLICY already in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv=None) -> int:

@@ -19,15 +19,20 @@ Pipeline (one batch):
   -> two FC layers -> D-d region feature (D=256)
   -> cls_score (background + 6 shapes) / class-specific bbox_pred -> NMS filter (VinVL modes 0/1/2)
   -> attribute head on the kept boxes (VinVL ``AttributeRCNNPredictor``: class embedding || feature ->
-     fc + ReLU -> softmax over no-attribute + the corpus attributes; trained, as VinVL, with cross-entropy
-     against the object's attributes shared uniformly, so an object with 3 attributes targets 1/3 on each).
+     fc + ReLU -> one score per corpus attribute).
 
 Deliberate differences from VinVL X152-C4:
 * backbone and box head: the narrow trunk + FPN + two-FC head above instead of ResNeXt-152 C4 + res5 (an
   FPN region head is far cheaper per box than res5, which matters when training on a CPU);
   region features are D=256-d (``feature_dim``), not 2048-d;
-* attribute records: the top ``max_attr_per_obj`` attributes with probability >= ``attr_thresh`` as corpus
-  attribute ids (1-based), padded with -1 (VinVL pads with 0, the no-attribute id);
+* attribute head loss: multi-label binary cross-entropy (independent sigmoid per attribute, summed over the
+  attributes) instead of VinVL's softmax cross-entropy over no-attribute + attributes with the object's attributes
+  sharing the target mass: with the softmax loss the box head dropped colour within a 3-minute training (a linear
+  probe on the region features read the colour of under half of the objects), the summed sigmoid loss pushes each
+  attribute separately. Records give the top ``max_attr_per_obj`` attributes with probability >= ``attr_thresh``
+  as corpus attribute ids (1-based), padded with -1 (VinVL pads with 0, its no-attribute id);
+* the box head also sees the box's colours (RoIAlign ``color_grid`` x ``color_grid`` of the normalised image,
+  concatenated to the FPN RoI grid), so colour survives the narrow trunk;
 * boxes: by default (``box_regression=True``) each kept box is its best class's regressed box, and the
   feature and attributes are pooled again on that final box, so every feature describes its box exactly
   (scores and ``cls_prob`` stay those of the proposal that produced it); ``box_regression=False`` keeps the
@@ -64,6 +69,7 @@ from torchvision.ops import (
     FeaturePyramidNetwork,
     MultiScaleRoIAlign,
     clip_boxes_to_image,
+    roi_align,
 )
 from torchvision.transforms.v2 import functional as TF
 
@@ -129,6 +135,7 @@ class ShapesDetectorConfig:
     roi_sampling_ratio: int = 1  # one bilinear sample per bin: bins are <= 1 feature cell here
     roi_canonical_scale: int = 32  # boxes with sqrt(area) >= this pool from P3, smaller ones from P2
     feature_dim: int = 256
+    color_grid: int = 3  # the box head also sees the box's colours on a grid x grid RoIAlign of the image (0: off)
     box_fg_iou_thresh: float = 0.5
     box_bg_iou_thresh: float = 0.5
     box_batch_size_per_image: int = 64
@@ -159,6 +166,8 @@ class ShapesDetectorConfig:
         if self.num_classes < 2 or self.num_attributes < 1:
             raise ValueError(f"need num_classes >= 2 (with background) and num_attributes >= 1, got "
                              f"{self.num_classes}, {self.num_attributes}")
+        if self.color_grid < 0:
+            raise ValueError(f"color_grid must be >= 0 (0 turns the box colours off), got {self.color_grid}")
         if self.min_size < 16 or self.max_size < self.min_size:
             raise ValueError(f"need 16 <= min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}")
 
@@ -190,7 +199,7 @@ class ShapesPostprocessConfig:
     min_boxes: int = 1
     max_boxes: int = 20
     box_regression: bool = True
-    attr_thresh: float = 0.1
+    attr_thresh: float = 0.5
     max_attr_per_obj: int = 3
 
     def __post_init__(self) -> None:
@@ -321,22 +330,30 @@ class ShapesRoIHeads(RoIHeads):
             list(ROI_LEVELS), cfg.roi_output_size, cfg.roi_sampling_ratio,
             canonical_scale=cfg.roi_canonical_scale, canonical_level=3,
         )
-        head = TwoMLPHead(in_channels * cfg.roi_output_size**2, cfg.feature_dim)
+        head = TwoMLPHead(in_channels * cfg.roi_output_size**2 + 3 * cfg.color_grid**2, cfg.feature_dim)
         super().__init__(
             pool, head, FastRCNNPredictor(cfg.feature_dim, cfg.num_classes),
             fg_iou_thresh=cfg.box_fg_iou_thresh, bg_iou_thresh=cfg.box_bg_iou_thresh,
             batch_size_per_image=cfg.box_batch_size_per_image, positive_fraction=cfg.box_positive_fraction,
             bbox_reg_weights=cfg.bbox_reg_weights, score_thresh=0.0, nms_thresh=0.5, detections_per_img=100,
         )
-        self.attribute_predictor = AttributePredictor(  # scores: [no-attribute, attribute 1..A]
-            cfg.feature_dim, cfg.num_classes, cfg.num_attributes + 1, cfg.cls_embedding_dim, cfg.attr_hidden_dim
+        self.attribute_predictor = AttributePredictor(  # one logit per attribute 1..A
+            cfg.feature_dim, cfg.num_classes, cfg.num_attributes, cfg.cls_embedding_dim, cfg.attr_hidden_dim
         )
         self.attr_loss_weight = cfg.attr_loss_weight
+        self.color_grid = cfg.color_grid
 
     def region_features(self, features: Mapping[str, torch.Tensor], boxes: list[torch.Tensor],
                         image_sizes: list[tuple[int, int]]) -> torch.Tensor:
-        """(sum N_i, D) pooled features of ``boxes`` (resized-image pixels)."""
-        return self.box_head(self.box_roi_pool(features, boxes, image_sizes))
+        """(sum N_i, D) features of ``boxes`` (resized-image pixels): the FPN RoIAlign grid, plus the box's
+        colours on a ``color_grid`` x ``color_grid`` grid of the normalised image (``features["image"]``)."""
+        x = self.box_roi_pool(features, boxes, image_sizes).flatten(1)
+        if self.color_grid:
+            g = self.color_grid
+            colors = roi_align(features["image"], [b.to(features["image"].dtype) for b in boxes], (g, g),
+                               spatial_scale=1.0, sampling_ratio=4, aligned=True)
+            x = torch.cat([x, colors.flatten(1).to(x.dtype)], dim=1)
+        return self.box_head(x)
 
     def losses(self, features, proposals, image_sizes, targets) -> dict[str, torch.Tensor]:
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -350,11 +367,8 @@ class ShapesRoIHeads(RoIHeads):
         labels = torch.cat(labels)
         fg = labels > 0
         attr_logits = self.attribute_predictor(x[fg], labels[fg])
-        multi_hot = torch.cat(attr_targets)[fg]
-        none = (multi_hot.sum(1, keepdim=True) == 0).to(multi_hot.dtype)  # no attribute -> the no-attribute class
-        target = torch.cat([none, multi_hot], dim=1)
-        target = target / target.sum(1, keepdim=True)
-        loss_attr = -(target * F.log_softmax(attr_logits.float(), dim=1)).sum(1).sum() / fg.sum().clamp(min=1)
+        loss_attr = F.binary_cross_entropy_with_logits(attr_logits.float(), torch.cat(attr_targets)[fg], reduction="sum")
+        loss_attr = loss_attr / fg.sum().clamp(min=1)  # summed over attributes, averaged over foreground boxes
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
                 "loss_attributes": self.attr_loss_weight * loss_attr}
 
@@ -442,6 +456,7 @@ class ShapesDetector(nn.Module):
     def forward(self, batch: torch.Tensor, image_sizes: list[tuple[int, int]], targets: list[dict]) -> dict[str, torch.Tensor]:
         """Losses for one training batch (see the class docstring)."""
         features = self.backbone(batch)
+        features["image"] = batch  # for the box colours
         proposals, rpn_losses = self.rpn(ImageList(batch, image_sizes), self._rpn_features(features), targets)
         losses = self.roi_heads.losses(features, proposals, image_sizes, targets)
         return {**rpn_losses, **losses}
@@ -471,6 +486,7 @@ class ShapesDetector(nn.Module):
         originals = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         batch, sizes = self.preprocess(images)
         features = self.backbone(batch)
+        features["image"] = batch  # for the box colours
         if boxes is None:
             proposals, _ = self.rpn(ImageList(batch, sizes), self._rpn_features(features))
         else:
@@ -505,7 +521,7 @@ class ShapesDetector(nn.Module):
             feats = heads.region_features(features, [d.boxes.float() for d in dets], sizes).float()
         else:
             feats = pooled[flat_index]
-        attr_probs = F.softmax(heads.attribute_predictor(feats, labels).float(), dim=1)[:, 1:]  # drop no-attribute
+        attr_probs = torch.sigmoid(heads.attribute_predictor(feats, labels).float())
         k = min(post.max_attr_per_obj, attr_probs.shape[1])
         attr_scores, attr_index = attr_probs.topk(k, dim=1)
         keep = attr_scores >= post.attr_thresh
@@ -652,7 +668,7 @@ class ShapesDetectorExtractor(FeatureExtractor):
         max_boxes: int = 20,
         nms_filter: int = 2,
         box_regression: bool = True,
-        attr_thresh: float = 0.1,
+        attr_thresh: float = 0.5,
         max_attr_per_obj: int = 3,
     ):
         super().__init__(device=device, precision=precision)
