@@ -67,7 +67,7 @@ def stages(out: Path, tiny: bool) -> list[dict]:
         {"name": "generate shapes", "done": shapes / ".built", "eta": 5 if tiny else 30,
          "cmd": [PY, str(ROOT / "tools" / "make_demo_data.py"), "--out", str(shapes), "--no_progress", *n_images]},
         {**train("soho", region=False), "background": True},
-        {"name": "train shapes detector", "done": det, "eta": 20 if tiny else 190,
+        {"name": "train shapes detector", "done": det, "eta": 20 if tiny else 250,
          "cmd": [PY, str(ROOT / "tools" / "train_shapes_detector.py"), "--data_dir", str(shapes), "--out", str(det), *det_args]},
         {"name": "extract region features", "done": feats.with_name("detector.lmdb.done"), "eta": 10 if tiny else 60,
          "cmds": extract},

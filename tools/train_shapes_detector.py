@@ -2,7 +2,7 @@
 """Train the shapes detector on the generated corpus and report its val box AP.
 
     python tools/train_shapes_detector.py --data_dir <data_dir>/shapes --out shapes_detector.safetensors \
-        [--max_minutes 3] [--seed 0] [--epochs N] [--config projects/vinvl/configs/detector/shapes.yaml]
+        [--max_minutes 4] [--seed 0] [--epochs N] [--config projects/vinvl/configs/detector/shapes.yaml]
 
 Writes the weights (safetensors) and ``<out>.json`` beside them (label map, config, training time, val AP);
 then ``mmf_extract_features --extractor shapes_detector --model_file <out> ...`` extracts region features.
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--data_dir", required=True, help="the shapes corpus folder (holds images/ and annotations/)")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors); the .json sidecar goes beside it")
     p.add_argument("--config", default=None, help="detector yaml (default: projects/vinvl/configs/detector/shapes.yaml)")
-    p.add_argument("--max_minutes", type=float, default=None, help="wall-clock training budget (default from the yaml: 3)")
+    p.add_argument("--max_minutes", type=float, default=None, help="wall-clock training budget (default from the yaml: 4)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default from the yaml: 0)")
     p.add_argument("--epochs", type=int, default=None, help="upper bound on epochs (default from the yaml)")
     p.add_argument("--no_eval", action="store_true", help="skip the val box AP")

@@ -88,6 +88,7 @@ class SohoBackboneConfig:
     norm_mode: str = "train"
     channels_last: bool = False
     checkpoint_stages: list[str] = field(default_factory=list)
+    num_stages: int = 4  # 4: up to C5 (release); 2-3 stop at C3/C4 for a finer grid on small images
     min_image_size: int = 64
 
 
