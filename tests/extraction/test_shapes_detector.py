@@ -91,7 +91,7 @@ def test_default_yaml_matches_the_dataclass_defaults():
     defaults = ShapesDetectorConfig().to_dict()
     for key, value in settings["model"].items():
         assert json.loads(json.dumps(value)) == defaults[key], key
-    assert settings["training"]["max_minutes"] == 3.0
+    assert settings["training"]["max_minutes"] == 4.0
 
 
 def test_bad_config_keys_are_rejected(corpus, tmp_path):

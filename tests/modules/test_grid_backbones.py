@@ -47,7 +47,8 @@ def test_matches_torchvision_and_loads_local_weights(tmp_path):
         assert bb.out_channels == 512 and bb.stride == 32
         out = bb(x)
         assert out.shape == (2, 512, 3, 4)  # ceil(70/32), ceil(101/32)
-        assert torch.allclose(out, expected, atol=1e-5), mode
+        # frozen BN folds (x - mean) / sqrt(var + eps) * w + b into x * scale + shift: fp32 rounding only
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4, msg=mode)
     frozen = GridBackbone(arch="resnet18", norm_mode="frozen")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
     assert sum(isinstance(m, SyncBatchNorm2d) for m in GridBackbone(arch="resnet18", norm_mode="sync").modules()) == 20
@@ -102,10 +103,10 @@ def test_checkpointing_and_channels_last_keep_values_and_gradients():
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 64, 96)
     a, b = plain.train()(x), ckpt.train()(x)
-    assert torch.allclose(a, b, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # channels_last reorders the fp32 sums
     a.square().mean().backward()
     b.square().mean().backward()
-    assert torch.allclose(plain.layer2[0].conv1.weight.grad, ckpt.layer2[0].conv1.weight.grad, atol=1e-5)
+    torch.testing.assert_close(plain.layer2[0].conv1.weight.grad, ckpt.layer2[0].conv1.weight.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_bottleneck_and_resnext_widths():

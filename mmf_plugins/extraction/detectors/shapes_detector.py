@@ -118,7 +118,7 @@ class ShapesDetectorConfig:
     stem_channels: tuple[int, int] = (16, 32)
     stage_channels: tuple[int, int] = (64, 128)
     stage_blocks: tuple[int, int] = (1, 1)
-    fpn_channels: int = 64
+    fpn_channels: int = 32
     # RPN: one tuple of anchor sizes per FPN level (P3, P4); aspect ratios are height / width
     anchor_sizes: tuple[tuple[int, ...], ...] = ((16, 23), (32, 45))
     aspect_ratios: tuple[float, ...] = (1.0, 1.4)

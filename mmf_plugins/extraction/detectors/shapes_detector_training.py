@@ -59,7 +59,7 @@ class ShapesTrainingConfig:
     warmup_iters: int = 50
     grad_clip: float = 10.0
     hflip: bool = True
-    max_minutes: float = 3.0
+    max_minutes: float = 4.0
     seed: int = 0
     log_every: int = 25
 
