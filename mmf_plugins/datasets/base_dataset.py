@@ -59,8 +59,9 @@ class BaseDataset(torch.utils.data.Dataset):
         seed = getattr(idx, "seed", None)
         if seed is not None:
             # NOTE: per-item seeding (see trainers/sampling.py) makes random processing independent of
-            # the number of workers and of where a run was resumed.
-            torch.manual_seed(seed)
+            # the number of workers and of where a run was resumed. Only the CPU generator: torch.manual_seed
+            # also seeds every CUDA device and costs ~0.4 ms per call (measured), a tenth of an item.
+            torch.default_generator.manual_seed(seed)
         try:
             sample = self.get_item(int(idx))
         except DATA_ERRORS as e:

@@ -324,6 +324,29 @@ def test_grouped_captions_equal_repeated_images():
     assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
 
 
+def test_eval_shares_one_backbone_pass_per_image_id():
+    torch.manual_seed(0)
+    model = build_model("soho", tiny_config("vqa")).eval()
+    batch = make_batch("vqa", batch_size=2)
+    rows = torch.tensor([0, 0, 1, 0])  # four questions about two images
+    repeated = dict(batch)
+    for f in ("image", "image_mask", "input_ids", "input_mask", "segment_ids", "targets"):
+        repeated[f] = batch[f][rows]
+    seen = []
+    hook = model.backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        plain = model(repeated)["scores"]
+        shared = model({**repeated, "image_id": torch.tensor([7, 7, 9, 7])})["scores"]
+        clash = model({**repeated, "image_id": torch.tensor([7, 7, 7, 7])})["scores"]  # ids lie: pixels differ
+    hook.remove()
+    assert seen == [4, 2, 4]
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(clash, plain, rtol=1e-5, atol=1e-5)
+    model.train()
+    model({**repeated, "image_id": torch.tensor([7, 7, 9, 7])})
+    assert seen[-1] == 4  # training (BN batch statistics, random augmentation) never shares
+
+
 def test_optimizer_groups_and_backbone_freeze():
     model = build_model("soho", tiny_config("vqa", backbone={"frozen_stages": 1}, freeze_backbone_epochs=2))
     groups = model.get_optimizer_parameters({"optimizer": {"params": {"lr": 2e-4}}})

@@ -206,6 +206,19 @@ class ConvBN(nn.Module):
         return self.bn(self.conv(x))
 
 
+def shared_image_rows(image_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first, inverse)`` such that ``x[first][inverse]`` repeats one row per image id, or None when
+    every row has its own image (or ids are missing)."""
+    if image_ids is None or image_ids.dim() != 1 or image_ids.numel() < 2:
+        return None
+    unique, inverse = torch.unique(image_ids, return_inverse=True)
+    if unique.numel() == image_ids.numel():
+        return None
+    first = torch.full((unique.numel(),), image_ids.numel(), dtype=torch.long, device=image_ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(image_ids.numel(), device=image_ids.device), reduce="amin")
+    return first, inverse
+
+
 def sine_position_encoding(valid: torch.Tensor, dim: int) -> torch.Tensor:
     """DETR-style 2-D sine encoding of a valid-area mask ``(B, h, w)`` -> ``(B, dim, h, w)`` fp32.
 
@@ -510,11 +523,21 @@ class SohoModel(BaseModel):
 
     def encode(self, image: torch.Tensor, image_mask: torch.Tensor | None, input_ids: torch.Tensor,
                input_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None, *,
-               captions_per_image: int = 1, mask_visual: bool = False) -> dict:
+               captions_per_image: int = 1, mask_visual: bool = False, image_ids: torch.Tensor | None = None) -> dict:
         """Backbone + neck + fusion. Text is ``(B·K, T)`` for ``B`` images and ``K`` captions each.
-        Returns the neck's outputs plus ``hidden (B·K, T+N, H)`` and ``text_len``."""
+        Returns the neck's outputs plus ``hidden (B·K, T+N, H)`` and ``text_len``.
+
+        In eval mode, rows with the same ``image_ids`` (B,) share one backbone pass (eval transforms are
+        deterministic and BN uses running statistics, so the result is the same as one pass per row)."""
         image, image_mask = self._prepare_images(image, image_mask)
-        c5 = self.backbone(image)
+        rows = shared_image_rows(image_ids) if captions_per_image == 1 and not self.training else None
+        if rows is not None and not torch.equal(image[rows[0]][rows[1]], image):
+            rows = None  # same id, different pixels (ids not unique in this dataset): no sharing
+        if rows is not None:  # eval: several questions of one image in the batch -> one backbone pass
+            first, inverse = rows
+            c5 = self.backbone(image[first])[inverse]
+        else:
+            c5 = self.backbone(image)
         if captions_per_image > 1:
             c5 = c5.repeat_interleave(captions_per_image, dim=0)
             image_mask = image_mask.repeat_interleave(captions_per_image, dim=0)
@@ -554,8 +577,10 @@ class SohoModel(BaseModel):
             if k > 1:
                 raise ValueError("the nlvr2 head takes one statement per image pair; got input_ids (B, K, T)")
             image, image_mask, text = self._pair_images(sample_list, text)
+        image_ids = sample_list.get("image_id") if self.training_head_type != "nlvr2" else None
         encoded = self.encode(image, image_mask, text["input_ids"], text["input_mask"], text["segment_ids"],
-                              captions_per_image=k, mask_visual=self.training_head_type == "pretraining")
+                              captions_per_image=k, mask_visual=self.training_head_type == "pretraining",
+                              image_ids=image_ids if isinstance(image_ids, torch.Tensor) else None)
         context = HeadContext(
             word_embeddings=self.bert.word_embeddings.weight,
             dictionary=self.neck.vq if self.neck.use_visual_dictionary else None,
