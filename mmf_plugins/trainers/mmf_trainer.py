@@ -75,6 +75,37 @@ def _accelerator(config: DictConfig) -> str:
     return "gpu" if device == "cuda" else device
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, so taskset / cgroup cpusets count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_thread_count(config: DictConfig, accelerator: str, environ=os.environ) -> int | None:
+    """Intra-op threads for a run, or None to leave torch's setting alone.
+
+    ``training.cpu_threads``: an int is used as given; ``auto`` (default) leaves the count alone on a GPU
+    or when ``OMP_NUM_THREADS`` is set, and otherwise gives the model ``CPUs - num_workers`` threads (at
+    least 1). torch's default (one thread per CPU) next to data-loader worker processes oversubscribes
+    the cores, and OpenMP's spinning waits then dominate: the VL-BERT VQA demo on 2 cores ran at 4.3
+    updates/s with torch's default and 2 workers, 7.4 with 1 thread and 9.0 with 1 thread and 1 worker.
+    """
+    value = config.training.get("cpu_threads", "auto")
+    if value is None or str(value) == "auto":
+        if accelerator != "cpu" or environ.get("OMP_NUM_THREADS"):
+            return None
+        return max(1, available_cpus() - max(0, int(config.training.num_workers)))
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"training.cpu_threads must be 'auto' or a positive int, got {value!r}")
+    return threads
+
+
 ANSWER_COUNT_KEYS = ("num_answers", "num_labels")
 
 
@@ -125,6 +156,10 @@ class LightningTrainer:
             cfg.training.seed = seed
             OmegaConf.set_struct(cfg, True)
         pl.seed_everything(seed, workers=True, verbose=False)
+        threads = cpu_thread_count(cfg, _accelerator(cfg))
+        if threads is not None:
+            torch.set_num_threads(threads)
+        logger.info("torch intra-op threads: %d", torch.get_num_threads())
         datasets = dataset_list(cfg)
         self.data = DataModule(cfg)
         # builders publish model-facing values (e.g. number of answers) before the model is built

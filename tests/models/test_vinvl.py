@@ -115,6 +115,23 @@ def test_padding_does_not_change_real_outputs():
     assert not torch.allclose(m(short)["scores"], m(swapped)["scores"], atol=1e-5)  # segment ids are used
 
 
+def test_all_padding_columns_are_trimmed_and_scores_equal_the_untrimmed_encoder():
+    m = tiny().eval()
+    b = make_batch(B=3, T=12, R=6)
+    b["input_mask"][:, 8:] = 0  # every row: text columns 8.. are padding; regions: 6, 4, 3 -> all 6 used
+    b["image_info_0"] = SampleList({"max_features": torch.tensor([4, 2, 3])})  # region columns 4, 5 unused
+    full = m.inputs(b)
+    cut = full.trimmed()
+    assert cut.input_ids.shape == (3, 8) and cut.img_feats.shape[1] == 4
+    with torch.no_grad():
+        _, pooled = m.bert(full.input_ids, full.segment_ids, full.attention_mask(), full.img_feats)
+        assert torch.allclose(m(b)["scores"], m.classifier(pooled), atol=1e-5)
+    # a mask with a hole keeps every column up to the last valid one
+    holed = make_batch(B=2, T=6, R=2)
+    holed["input_mask"] = torch.tensor([[1, 0, 1, 0, 0, 0], [1, 1, 0, 0, 1, 0]])
+    assert m.inputs(holed).trimmed().input_ids.shape[1] == 5
+
+
 def test_encoder_equals_direct_hf_computation():
     """img_embedding + image LN + concat after text embeddings + BERT encoder (eager, -10000 mask) + pooler."""
     m = tiny().eval()

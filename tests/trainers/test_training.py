@@ -112,3 +112,33 @@ def test_batch_of_only_bad_items_is_skipped_not_fed_to_the_model(base_opts, tmp_
                      f"dataset_config.numbers.corrupt_indices={corrupt}", "training.max_bad_fraction=1.0"])
     summary = json.loads((tmp_path / "save" / "summary.json").read_text())
     assert summary["num_updates"] == 10 and summary["bad_items"] >= 10
+
+
+def test_cpu_thread_policy(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from mmf_plugins.trainers import mmf_trainer as T
+
+    monkeypatch.setattr(T, "available_cpus", lambda: 8)
+
+    def cfg(threads="auto", workers=2):
+        return OmegaConf.create({"training": {"cpu_threads": threads, "num_workers": workers}})
+
+    assert T.cpu_thread_count(cfg(), "cpu", environ={}) == 6  # workers get their own cores
+    assert T.cpu_thread_count(cfg(workers=0), "cpu", environ={}) == 8
+    assert T.cpu_thread_count(cfg(workers=16), "cpu", environ={}) == 1
+    assert T.cpu_thread_count(cfg(), "cpu", environ={"OMP_NUM_THREADS": "3"}) is None  # the user's choice wins
+    assert T.cpu_thread_count(cfg(), "gpu", environ={}) is None
+    assert T.cpu_thread_count(cfg(3), "gpu", environ={"OMP_NUM_THREADS": "1"}) == 3
+    for bad in (0, -1, "many"):
+        with pytest.raises(ValueError, match="cpu_threads"):
+            T.cpu_thread_count(cfg(bad), "cpu", environ={})
+
+
+def test_run_applies_cpu_threads(base_opts, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        run(base_opts + ["run_type=train", "training.max_updates=2", "training.cpu_threads=1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -283,6 +283,28 @@ class VinVLInputs:
     def attention_mask(self) -> Tensor:
         return torch.cat([self.text_mask.long(), self.region_mask.long()], dim=1)
 
+    def trimmed(self) -> "VinVLInputs":
+        """The same batch without the trailing text and region columns that are padding in every row.
+
+        Exact for every head that reads [CLS] or per-token outputs at valid positions: padded keys are
+        masked out of attention and positions stay 0..T-1. Processors pad text to ``max_seq_length``
+        (32 on the shapes demo, questions use about 14), so this removes a third of the encoder's work.
+        """
+        T, R = _used_columns(self.text_mask), _used_columns(self.region_mask)
+        if T == self.input_ids.size(1) and R == self.img_feats.size(1):
+            return self
+        T = max(T, 1)
+        return VinVLInputs(self.input_ids[:, :T], self.segment_ids[:, :T], self.text_mask[:, :T],
+                           self.img_feats[:, :R], self.region_mask[:, :R])
+
+
+def _used_columns(mask: Tensor) -> int:
+    """1 + the last column that is valid in some row (0 when none is): masks need not be prefixes."""
+    if mask.numel() == 0:
+        return 0
+    used = mask.any(0).nonzero()
+    return int(used[-1]) + 1 if used.numel() else 0
+
 
 # ------------------------------------------------------------------------------------ encoder
 class VinVLBertImgModel(nn.Module):
@@ -606,7 +628,7 @@ class VinVLModel(BaseModel):
         return self._forward_classification(sample_list)
 
     def _forward_classification(self, sample_list) -> dict:
-        inp = self.inputs(sample_list)
+        inp = self.inputs(sample_list).trimmed()
         _, pooled = self.bert(inp.input_ids, inp.segment_ids, inp.attention_mask(), inp.img_feats)
         logits = self.classifier(self.dropout(pooled))
         losses = {}
@@ -658,7 +680,7 @@ class VinVLModel(BaseModel):
         return labels != -1, labels
 
     def _forward_pretraining(self, sample_list) -> dict:
-        inp = self.inputs(sample_list)
+        inp = self.inputs(sample_list).trimmed()
         T = inp.input_ids.size(1)
         sequence, pooled = self.bert(inp.input_ids, inp.segment_ids, inp.attention_mask(), inp.img_feats)
         contrast_logits = self.cls.seq_relationship(pooled)
