@@ -53,6 +53,9 @@ def main(argv=None) -> int:
         v = summary["val"]
         print(f"val box AP {v['AP']:.3f}  AP50 {v['AP50']:.3f}  AP75 {v['AP75']:.3f}  "
               f"({v['num_images']} images, {v['images_per_second']:.1f} images/s)")
+        attrs = "  ".join(f"{k[len('attr_acc_'):]} {x:.3f}" for k, x in v.items() if k.startswith("attr_acc_"))
+        if attrs:
+            print(f"val attribute accuracy on ground-truth boxes: {attrs}")
     return 0
 
 

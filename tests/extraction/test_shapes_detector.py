@@ -23,6 +23,7 @@ from mmf_plugins.extraction.detectors.shapes_detector import (
     sidecar_path,
 )
 from mmf_plugins.extraction.detectors.shapes_detector_training import (
+    attribute_accuracy,
     decode_rgb,
     evaluate_shapes_detector,
     load_detector_settings,
@@ -234,6 +235,30 @@ def test_evaluation_scores_ground_truth_as_perfect(trained, corpus):
     res = evaluate_shapes_detector(model, corpus, "val")
     assert res["AP"] == pytest.approx(1.0) and res["AP50"] == pytest.approx(1.0)
     assert res["num_images"] == 2 and res["num_detections"] == len(inst["annotations"])
+
+
+def test_attribute_accuracy_compares_the_best_attribute_of_each_kind(trained, corpus):
+    """A head that always scores the same attribute of each kind highest scores the frequency of that value."""
+    out, _ = trained
+    model = load_shapes_detector(out)
+    _, inst = read_instances(corpus, "val")
+    kinds = {a["id"]: a["supercategory"] for a in inst["attribute_categories"]}
+    favourite = {}
+    for a in sorted(inst["attribute_categories"], key=lambda a: a["id"]):
+        favourite.setdefault(a["supercategory"], a["id"])
+    columns = model.labelmap.attribute_ids
+    bias = torch.tensor([1.0 if aid in favourite.values() else 0.0 for aid in columns])
+
+    class Constant(torch.nn.Module):
+        def forward(self, feats, labels):
+            return bias.expand(feats.shape[0], -1)
+
+    model.roi_heads.attribute_predictor = Constant()
+    res = attribute_accuracy(model, corpus, "val")
+    for kind, aid in favourite.items():
+        truth = [[i for i in a["attribute_ids"] if kinds[i] == kind][0] for a in inst["annotations"]]
+        assert res[f"attr_acc_{kind}"] == pytest.approx(sum(t == aid for t in truth) / len(truth), abs=1e-4)
+    assert set(res) == {f"attr_acc_{k}" for k in favourite}
 
 
 # ------------------------------------------------------------------------------ extraction path

@@ -354,7 +354,7 @@ def evaluate_shapes_detector(
 
     Runs the extraction path (``detect`` on the original images, class-agnostic NMS) with a low score threshold.
     Returns ``{"AP", "AP50", "AP75", "AP_small", "AP_medium", "num_images", "num_detections",
-    "images_per_second"}`` (AP in [0, 1]).
+    "images_per_second"}`` (AP in [0, 1]) plus :func:`attribute_accuracy` (``attr_acc_<kind>``).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -399,4 +399,60 @@ def evaluate_shapes_detector(
         stats = [max(0.0, float(x)) for x in ev.stats]  # -1 means "no such objects"
         out.update(AP=round(stats[0], 4), AP50=round(stats[1], 4), AP75=round(stats[2], 4),
                    AP_small=round(stats[3], 4), AP_medium=round(stats[4], 4))
+    out.update(attribute_accuracy(model, shapes_dir, split, inst=inst, batch_size=batch_size, max_images=max_images))
     return out
+
+
+def attribute_accuracy(model: ShapesDetector, shapes_dir: str | os.PathLike, split: str = "val", *,
+                       inst: dict | None = None, batch_size: int = 8, max_images: int | None = None) -> dict:
+    """Top-1 attribute accuracy per attribute kind on the ground-truth boxes: ``{"attr_acc_<kind>": float}``.
+
+    Kinds are the ``supercategory`` of ``attribute_categories`` (shapes: size, color, texture); within each
+    kind the detector's best-scoring attribute is compared with the annotated one. This is what the region
+    baselines can read from the features: a region feature whose colour the attribute head cannot tell
+    apart is one a VQA model cannot read a colour from either.
+    """
+    if model.labelmap is None:
+        raise ValueError("the detector has no label map; load it with load_shapes_detector(model_file)")
+    if inst is None:
+        _, inst = read_instances(shapes_dir, split)
+    kind_of = {int(a["id"]): str(a.get("supercategory") or a["name"]) for a in inst.get("attribute_categories", [])}
+    column = {aid: j for j, aid in enumerate(model.labelmap.attribute_ids)}
+    kinds = sorted(set(kind_of.values()))
+    members = {k: torch.tensor([column[a] for a, kk in kind_of.items() if kk == k and a in column]) for k in kinds}
+    by_image: dict[int, list] = {}
+    for a in inst["annotations"]:
+        by_image.setdefault(int(a["image_id"]), []).append(a)
+    entries = [e for e in sorted(inst["images"], key=lambda e: int(e["id"])) if by_image.get(int(e["id"]))][:max_images]
+    image_dir = Path(shapes_dir) / "images" / split
+    heads = model.roi_heads
+    correct = dict.fromkeys(kinds, 0)
+    total = dict.fromkeys(kinds, 0)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(entries), batch_size):
+            chunk = entries[s : s + batch_size]
+            images = [decode_rgb(image_dir / e["file_name"]) for e in chunk]
+            anns = [by_image[int(e["id"])] for e in chunk]
+            batch, sizes = model.preprocess(images)
+            features = model.backbone(batch)
+            features["image"] = batch
+            boxes = []
+            for im, a, (h, w) in zip(images, anns, sizes):
+                xywh = torch.tensor([x["bbox"] for x in a], dtype=torch.float32)
+                xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+                boxes.append(xyxy * xyxy.new_tensor([w / im.shape[2], h / im.shape[1]] * 2))
+            pooled = heads.region_features(features, boxes, sizes).float()
+            labels = heads.box_predictor(pooled)[0][:, 1:].argmax(dim=1) + 1
+            probs = heads.attribute_predictor(pooled, labels).float()
+            truth = [aid for a in anns for x in a for aid in [x.get("attribute_ids", [])]]
+            for row, ids in zip(probs, truth):
+                for k in kinds:
+                    want = [column[i] for i in ids if kind_of.get(int(i)) == k and int(i) in column]
+                    if not want or members[k].numel() == 0:
+                        continue
+                    total[k] += 1
+                    correct[k] += int(members[k][row[members[k]].argmax()]) == want[0]
+    model.train(was_training)
+    return {f"attr_acc_{k}": round(correct[k] / total[k], 4) for k in kinds if total[k]}
