@@ -31,6 +31,13 @@ Deliberate differences from VinVL X152-C4:
   probe on the region features read the colour of under half of the objects), the summed sigmoid loss pushes each
   attribute separately. Records give the top ``max_attr_per_obj`` attributes with probability >= ``attr_thresh``
   as corpus attribute ids (1-based), padded with -1 (VinVL pads with 0, its no-attribute id);
+* attribute head: linear (``attr_hidden_dim: 0``: scores linear in [feature || class embedding], VinVL has a hidden
+  fc + ReLU) with PyTorch's default init (``attr_init_std: 0``, VinVL: N(0, 0.01)) and loss weight 0.2. Through two
+  0.01-scale layers almost no attribute gradient reaches the shared region feature early on; a linear head makes the
+  attributes linearly readable from the feature, which is what the region models downstream need. 4-minute training,
+  val, ground-truth boxes (colour / texture top-1, box AP): official head 0.65 / 0.76 / 0.80; default init, weight 0.5:
+  1.00 / 0.99 / 0.72; linear head, weight 0.2: 1.00 / 0.93 / 0.82; VL-BERT shapes VQA on their features (2000
+  updates): 59.1 (default init) vs 60.9 (linear). ``attr_hidden_dim: 512, attr_init_std: 0.01`` is VinVL's head;
 * the box head also sees the box's colours (RoIAlign ``color_grid`` x ``color_grid`` of the normalised image,
   concatenated to the FPN RoI grid), so colour survives the narrow trunk;
 * boxes: by default (``box_regression=True``) each kept box is its best class's regressed box, and the
@@ -143,8 +150,9 @@ class ShapesDetectorConfig:
     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     # attribute head
     cls_embedding_dim: int = 32
-    attr_hidden_dim: int = 128
-    attr_loss_weight: float = 0.5
+    attr_hidden_dim: int = 0  # 0: linear scores; VinVL: 512 with ReLU
+    attr_loss_weight: float = 0.2
+    attr_init_std: float = 0.0  # 0: PyTorch's default init of the attribute fc layers; VinVL: normal(0, 0.01)
 
     def __post_init__(self) -> None:
         self.stem_channels = tuple(int(c) for c in self.stem_channels)
@@ -338,7 +346,8 @@ class ShapesRoIHeads(RoIHeads):
             bbox_reg_weights=cfg.bbox_reg_weights, score_thresh=0.0, nms_thresh=0.5, detections_per_img=100,
         )
         self.attribute_predictor = AttributePredictor(  # one logit per attribute 1..A
-            cfg.feature_dim, cfg.num_classes, cfg.num_attributes, cfg.cls_embedding_dim, cfg.attr_hidden_dim
+            cfg.feature_dim, cfg.num_classes, cfg.num_attributes, cfg.cls_embedding_dim, cfg.attr_hidden_dim,
+            init_std=cfg.attr_init_std or None,
         )
         self.attr_loss_weight = cfg.attr_loss_weight
         self.color_grid = cfg.color_grid

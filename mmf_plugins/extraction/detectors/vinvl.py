@@ -518,20 +518,25 @@ class BoxHead(nn.Module):
 class AttributePredictor(nn.Module):
     """AttributeRCNNPredictor: [feature || cls_embedding(label)] -> fc_attr + ReLU -> attr_score."""
 
-    def __init__(self, in_channels: int, num_classes: int, num_attributes: int, embedding_dim: int, hidden_dim: int):
+    def __init__(self, in_channels: int, num_classes: int, num_attributes: int, embedding_dim: int, hidden_dim: int,
+                 init_std: float | None = 0.01):
+        """``init_std``: the official normal(0, 0.01) init of both layers; ``None`` keeps PyTorch's default
+        (kaiming-uniform) linear init, whose gradients reach the shared box feature from the first step."""
         super().__init__()
         self.cls_embedding = nn.Embedding(num_classes, embedding_dim)
-        self.fc_attr = nn.Linear(in_channels + embedding_dim, hidden_dim)
-        self.attr_score = nn.Linear(hidden_dim, num_attributes)
+        # hidden_dim 0: no hidden layer, the scores are linear in [feature || class embedding] (not in VinVL)
+        self.fc_attr = nn.Linear(in_channels + embedding_dim, hidden_dim) if hidden_dim else None
+        self.attr_score = nn.Linear(hidden_dim or in_channels + embedding_dim, num_attributes)
         nn.init.normal_(self.cls_embedding.weight, std=0.01)
-        nn.init.normal_(self.fc_attr.weight, std=0.01)
-        nn.init.zeros_(self.fc_attr.bias)
-        nn.init.normal_(self.attr_score.weight, std=0.01)
-        nn.init.zeros_(self.attr_score.bias)
+        if init_std is not None:
+            for layer in (self.fc_attr, self.attr_score):
+                if layer is not None:
+                    nn.init.normal_(layer.weight, std=init_std)
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = torch.cat([pooled, self.cls_embedding(labels).to(pooled.dtype)], dim=1)
-        return self.attr_score(F.relu(self.fc_attr(x)))
+        return self.attr_score(F.relu(self.fc_attr(x)) if self.fc_attr is not None else x)
 
 
 class AttributeHead(nn.Module):
