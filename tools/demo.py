@@ -76,7 +76,7 @@ def stages(out: Path, tiny: bool) -> list[dict]:
         {"name": "compare", "done": out / "report" / "report.md", "eta": 10 if tiny else 40,
          "cmd": [*_cli("mmf_plugins.cli.compare"), str(runs / "soho_vqa2"), str(runs / "vinvl_vqa2"),
                  str(runs / "vl_bert_vqa2"), "--out", str(out / "report"),
-                 "--latency_samples", "2" if tiny else "16", "--examples", "2" if tiny else "4"]},
+                 "--latency_samples", "2" if tiny else "16", "--examples", "2" if tiny else "4", "--image_ablation"]},
     ]
 
 

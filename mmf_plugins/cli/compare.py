@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("--examples", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_latency", action="store_true")
+    p.add_argument("--image_ablation", action="store_true",
+                   help="add each run's metric with every question given another image (one more val pass per run)")
     a = p.parse_args(argv)
     dirs = list(a.runs)
     for spec in a.run:
@@ -31,7 +33,8 @@ def main(argv=None) -> int:
         dirs.append(str(registry.get("config").env.save_dir))
     if not dirs:
         p.error("give run directories or --run")
-    result = compare(dirs, a.out, a.latency_samples, a.examples, a.device, measure=not a.no_latency)
+    result = compare(dirs, a.out, a.latency_samples, a.examples, a.device, measure=not a.no_latency,
+                     image_ablation=a.image_ablation)
     print(markdown_table(result["rows"]))
     for prob in result["problems"]:
         print(f"note: {prob}")

@@ -40,6 +40,7 @@ class Run:
     final_metric: float | None = None
     latency_ms: float | None = None
     answers: list[str] = field(default_factory=list)
+    shuffled_metric: float | None = None  # the metric with each question given another image (image_ablation)
 
     @property
     def name(self) -> str:
@@ -183,13 +184,20 @@ def _plots(out: Path, groups: dict[str, list[Run]], runs: list[Run], examples, s
     return files
 
 
-def table_rows(runs: list[Run]) -> list[dict]:
+def _metric_cell(r: Run, value: float | None):
+    return None if value is None else round(100 * value, 2) if "accuracy" in r.criteria else round(value, 4)
+
+
+def table_rows(runs: list[Run], image_ablation: bool = False) -> list[dict]:
+    """One row per run; ``image_ablation`` adds "value, shuffled images" (the metric with each question given
+    another image's visual input: a model that reads the image drops there, one that ignores it does not)."""
     rows = []
     for r in runs:
         s = r.summary
         rows.append({
             "model": r.model, "run": r.path.name, "datasets": ",".join(r.datasets), "metric": r.criteria,
-            "value": None if r.final_metric is None else round(100 * r.final_metric, 2) if "accuracy" in r.criteria else round(r.final_metric, 4),
+            "value": _metric_cell(r, r.final_metric),
+            **({"value, shuffled images": _metric_cell(r, r.shuffled_metric)} if image_ablation else {}),
             "params (M)": round(s.get("num_parameters", 0) / 1e6, 2),
             "train time (s)": s.get("train_time_s"),
             "peak RSS (MiB)": s.get("peak_rss_mib"),
@@ -209,7 +217,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def compare(run_dirs: list[str], out_dir: str, latency_samples: int = 8, examples: int = 4, device: str = "cpu",
-            measure: bool = True) -> dict:
+            measure: bool = True, image_ablation: bool = False) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs, problems = [], []
@@ -234,8 +242,17 @@ def compare(run_dirs: list[str], out_dir: str, latency_samples: int = 8, example
                     r.latency_ms, r.answers = measure_latency(r, [(p, q) for p, q, _ in ex], device)
                 except Exception as e:  # a run whose pipeline cannot be built is reported, not fatal
                     problems.append(f"{r.name}: latency not measured ({type(e).__name__}: {e})")
+    if image_ablation:
+        from mmf_plugins.reports.image_ablation import image_ablation as run_ablation
+
+        for r in runs:
+            try:
+                res = run_ablation(r.path, modes=("shuffled",))["shuffled"]
+                r.shuffled_metric = res.get(r.criteria)
+            except Exception as e:  # reported, not fatal: the rest of the report still stands
+                problems.append(f"{r.name}: image ablation not measured ({type(e).__name__}: {e})")
     pngs = _plots(out, groups, runs, ex, examples) if runs else []
-    rows = table_rows(runs)
+    rows = table_rows(runs, image_ablation)
     md = ["# Comparison", "", markdown_table(rows), ""]
     if problems:
         md += ["## Not compared / problems", *[f"- {p}" for p in problems], ""]

@@ -98,3 +98,15 @@ def test_cli_prints_the_table_and_reports_a_missing_run(soho_run, tmp_path):
     assert "| run | metric | intact | zeroed | shuffled |" in proc.stdout
     assert "skipped" in proc.stderr and "nope" in proc.stderr
     assert set(json.loads(out.read_text())[str(soho_run)]) == {"intact", "zeroed", "shuffled"}
+
+
+def test_compare_adds_the_shuffled_image_column(soho_run, tmp_path):
+    from mmf_plugins.reports.comparison import compare
+
+    out = compare([str(soho_run)], str(tmp_path / "report"), measure=False, image_ablation=True)
+    (row,) = out["rows"]
+    expected = image_ablation(soho_run, modes=("shuffled",))["shuffled"]["val/vqa2/vqa_accuracy"]
+    assert row["value, shuffled images"] == round(100 * expected, 2)
+    assert "value, shuffled images" in (tmp_path / "report" / "report.md").read_text()
+    plain = compare([str(soho_run)], str(tmp_path / "plain"), measure=False)
+    assert "value, shuffled images" not in plain["rows"][0]
