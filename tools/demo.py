@@ -5,7 +5,8 @@ Stages (each reused when already finished, so a re-run only does what is missing
   2. train the shapes detector                        -> <out>/detector/shapes_detector.safetensors
   3. extract region features with mmf_extract_features -> <out>/data/shapes/features/detector.lmdb
   4-6. train SOHO (pixels), VinVL and VL-BERT (region features) on shapes VQA with their demo.yaml
-  7. mmf_compare: table, plots, report.md / report.html -> <out>/report
+  7. mmf_compare: table (with each model's accuracy when every question gets another image's input: does it
+     read the image?), plots, report.md / report.html -> <out>/report
 
 Every stage runs as a child process (its log in <out>/logs/<stage>.log); one progress display shows the
 stage, elapsed time and ETA; the table printed at the end is report.md's. ``--tiny`` shrinks every stage
@@ -73,7 +74,7 @@ def stages(out: Path, tiny: bool) -> list[dict]:
          "cmds": extract},
         train("vinvl", region=True),
         train("vl_bert", region=True),
-        {"name": "compare", "done": out / "report" / "report.md", "eta": 10 if tiny else 40,
+        {"name": "compare", "done": out / "report" / "report.md", "eta": 10 if tiny else 80,
          "cmd": [*_cli("mmf_plugins.cli.compare"), str(runs / "soho_vqa2"), str(runs / "vinvl_vqa2"),
                  str(runs / "vl_bert_vqa2"), "--out", str(out / "report"),
                  "--latency_samples", "2" if tiny else "16", "--examples", "2" if tiny else "4", "--image_ablation"]},
