@@ -106,7 +106,9 @@ class GridPath:
     def __init__(self, device: str):
         self.device = torch.device(device)
         self.model = build_model("soho", {
-            "training_head_type": "vqa", "backbone": {"arch": "resnet101"}, "bert": {"num_hidden_layers": 12},
+            # NHWC trunk, as the region path's detector (VinVLDetectorConfig.channels_last)
+            "training_head_type": "vqa", "backbone": {"arch": "resnet101", "channels_last": True},
+            "bert": {"num_hidden_layers": 12},
         }).to(self.device).eval()
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255

@@ -95,6 +95,26 @@ def test_given_boxes_reproduce_region_features(extractor, records, images):
         assert torch.equal(a["objects"], a["cls_prob"][:, 1:].argmax(1) + 1)
 
 
+def test_channels_last_gives_the_records_of_the_plain_layout(extractor, records, images):
+    import dataclasses
+
+    from mmf_plugins.extraction.detectors.vinvl import VinVLX152C4
+
+    det = extractor.model
+    assert det.config.channels_last
+    conv = next(m for m in det.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = VinVLX152C4(dataclasses.replace(det.config, channels_last=False))
+    plain.load_state_dict(det.state_dict())
+    plain.set_labelmap(det.object_names, det.attribute_names)
+    assert next(m for m in plain.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous()
+    with torch.no_grad():
+        again = plain(images)
+    for a, r in zip(again, records):
+        assert torch.equal(a["objects"], r["objects"]) and torch.allclose(a["bbox"], r["bbox"], atol=1e-3)
+        assert torch.allclose(a["features"], r["features"], rtol=1e-4, atol=1e-4 * r["features"].abs().max())
+
+
 def test_converter_covers_every_model_key(extractor):
     model = extractor.model
     own = model.state_dict()

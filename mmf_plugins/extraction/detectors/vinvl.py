@@ -117,6 +117,9 @@ class VinVLDetectorConfig:
     max_attr_per_img: int = 100
     # memory
     roi_chunk_size: int = 512
+    # NHWC convolutions (trunk, RPN, res5 head); not in the original. One CPU thread, a ResNeXt 32x8d res4 block at
+    # 38x63: 66 % -> 80 % of the fp32 matmul peak (grouped 3x3: 70 -> 88 %); same results up to float rounding
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.nms_filter not in NMS_FILTER_MODES:
@@ -622,6 +625,8 @@ class VinVLX152C4(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean_bgr).view(3, 1, 1), persistent=False)
         self.object_names: list[str] | None = None
         self.attribute_names: list[str] | None = None
+        if cfg.channels_last:  # 4-d weights NHWC; load_state_dict copies into them and keeps the layout
+            self.to(memory_format=torch.channels_last)
         self.eval()
 
     # ------------------------------------------------------------------ labels
@@ -685,6 +690,8 @@ class VinVLX152C4(nn.Module):
             raise ValueError(f"got {len(images)} images but {len(boxes)} box lists; pass one (N, 4) tensor per image")
         originals = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         batch, sizes = self.preprocess(images)
+        if cfg.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         c4 = self.backbone(batch)
         if boxes is None:
             proposals = self.rpn(c4, sizes)
