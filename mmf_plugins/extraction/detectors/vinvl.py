@@ -519,7 +519,8 @@ class BoxHead(nn.Module):
 
 
 class AttributePredictor(nn.Module):
-    """AttributeRCNNPredictor: [feature || cls_embedding(label)] -> fc_attr + ReLU -> attr_score."""
+    """AttributeRCNNPredictor: [feature || cls_embedding(label)] -> fc_attr + ReLU -> attr_score
+    (``hidden_dim=0``: no fc_attr, the shapes detector's linear head)."""
 
     def __init__(self, in_channels: int, num_classes: int, num_attributes: int, embedding_dim: int, hidden_dim: int,
                  init_std: float | None = 0.01):
