@@ -93,18 +93,11 @@ class _AblatedForward:
     """Wraps ``model.forward`` so every batch is ablated before the model sees it."""
 
     def __init__(self, model, mode: str):
-        self.model, self.mode = model, mode
+        self.mode = mode
         self.forward = model.forward
 
     def __call__(self, batch):
         return self.forward(ablate_batch(batch, self.mode))
-
-
-def _weights(run_dir: Path, model: str) -> Path:
-    for name in ("best.ckpt", f"{model}_final.safetensors", "current.ckpt"):
-        if (run_dir / name).exists():
-            return run_dir / name
-    raise RunNotReadable(f"run {run_dir} has no weights (best.ckpt, {model}_final.safetensors or current.ckpt)")
 
 
 def image_ablation(run_dir: str | Path, modes=MODES, split: str = "val", overrides: list[str] | None = None,
@@ -114,14 +107,21 @@ def image_ablation(run_dir: str | Path, modes=MODES, split: str = "val", overrid
     from omegaconf import OmegaConf
 
     from mmf_plugins.common.config import build_config
+    from mmf_plugins.pipelines import _find_weights
     from mmf_plugins.trainers.evaluation import evaluate
     from mmf_plugins.trainers.mmf_trainer import LightningTrainer
 
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"image ablation modes must be among {MODES}, got {unknown}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise RunNotReadable(f"{run_dir} is not an mmf_run save_dir: config.yaml is missing")
     saved = OmegaConf.load(run_dir / "config.yaml")
-    weights = _weights(run_dir, str(saved.model))
+    try:  # the weights the pipeline reads: <model>_final.safetensors (the best model) first
+        weights = _find_weights(run_dir, str(saved.model))
+    except FileNotFoundError as e:
+        raise RunNotReadable(str(e)) from e
     with tempfile.TemporaryDirectory(prefix="image_ablation_") as tmp:
         opts = [f"config={run_dir / 'config.yaml'}", f"model={saved.model}", f"datasets={saved.datasets}",
                 "run_type=val", f"env.save_dir={tmp}", f"checkpoint.resume_file={weights}", "checkpoint.resume=false",
